@@ -1,0 +1,190 @@
+"""Generic PyTorch ``state_dict`` → Flax variables conversion.
+
+Every ported module names its Flax submodules after the torch module path, with one rule:
+a numeric path component is joined to its parent with ``_`` (torch ``layer1.0.conv1`` is Flax
+``layer1_0/conv1``; ``encoder.layer.3.attention`` is ``encoder/layer_3/attention``). With that
+rule, a single converter serves every model; model files only add a ``rename`` for the keys that
+break it (for example an ``nn.Sequential`` whose indices name different layers).
+
+The converter is strict: it reports every torch key it could not place and every Flax leaf
+nothing filled, with the expected shapes, instead of silently leaving random weights behind.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+LEAF_RENAMES = {
+    # torch leaf name -> candidate (collection, flax leaf) in order of preference
+    "weight": (("params", "kernel"), ("params", "scale"), ("params", "embedding")),
+    "bias": (("params", "bias"),),
+    "running_mean": (("batch_stats", "mean"),),
+    "running_var": (("batch_stats", "var"),),
+    "num_batches_tracked": (("batch_stats", "num_batches_tracked"),),
+}
+
+
+class ConversionError(ValueError):
+  """A state_dict does not fit the Flax model it is converted into."""
+
+
+def torch_path_to_flax(key: str) -> tuple[str, ...]:
+  """``'layer1.0.conv1'`` → ``('layer1_0', 'conv1')``: numeric components join their parent."""
+  out: list[str] = []
+  for part in key.split("."):
+    if part.lstrip("-").isdigit() and out:
+      out[-1] = f"{out[-1]}_{part}"
+    else:
+      out.append(part)
+  return tuple(out)
+
+
+def torch_to_flax_array(value: np.ndarray, flax_leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
+  """Re-lays a torch tensor for a Flax leaf: conv OI[D]HW → [D]HWIO, linear (out,in) → (in,out)."""
+  value = np.asarray(value)
+  if flax_leaf == "kernel":
+    if value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    elif value.ndim == 3:
+      value = value.transpose(2, 1, 0)
+    elif value.ndim == 5:
+      value = value.transpose(2, 3, 4, 1, 0)
+    elif value.ndim == 2:
+      value = value.T
+  if value.shape != tuple(target_shape):
+    raise ConversionError(f"shape {value.shape} (after re-layout) != expected {tuple(target_shape)}")
+  return value
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    target: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    rename: Callable[[str], str | None] | None = None,
+    ignore: Iterable[str] = (),
+    source: str = "state_dict",
+) -> dict[str, Any]:
+  """Converts ``state_dict`` into a variables dict shaped like ``target``.
+
+  Args:
+    state_dict: torch key → array (numpy or anything ``np.asarray`` takes).
+    target: the Flax variables (or their ``jax.eval_shape``): ``{'params': ..., 'batch_stats': ...}``.
+    prefix: only keys starting with it are used, with it stripped (e.g. ``'vision_model.model.'``).
+    rename: maps a (prefix-stripped) torch key to another torch-style key, or ``None`` to drop it.
+    ignore: regexes of keys that are expected and unused (e.g. the BERT pooler).
+    source: named in error messages (usually the checkpoint's path).
+
+  Returns:
+    A variables dict with numpy leaves, every leaf of ``target`` filled.
+
+  Raises:
+    ConversionError: naming every unplaced key and every unfilled leaf.
+  """
+  flat_target = {k: v for k, v in traverse_util.flatten_dict(_unfreeze(target)).items()}
+  filled: dict[tuple[str, ...], np.ndarray] = {}
+  unexpected: list[str] = []
+  problems: list[str] = []
+  ignore_res = [re.compile(p) for p in ignore]
+
+  for key, value in state_dict.items():
+    if prefix:
+      if not key.startswith(prefix):
+        continue
+      key = key[len(prefix):]
+    if any(r.search(key) for r in ignore_res):
+      continue
+    if rename is not None:
+      key = rename(key)
+      if key is None:
+        continue
+    path = torch_path_to_flax(key)
+    placed = False
+    candidates = [(c, path[:-1] + (leaf,)) for c, leaf in LEAF_RENAMES.get(path[-1], ())]
+    candidates += [("params", path), ("batch_stats", path)]
+    for collection, flax_path in candidates:
+      full = (collection,) + flax_path
+      if full in flat_target:
+        try:
+          arr = torch_to_flax_array(value, flax_path[-1], flat_target[full].shape)
+        except ConversionError as e:
+          problems.append(f"{key} -> {'/'.join(full)}: {e}")
+          placed = True
+          break
+        dtype = flat_target[full].dtype
+        filled[full] = arr.astype(dtype)
+        placed = True
+        break
+    if not placed:
+      unexpected.append(f"{key} {tuple(np.shape(value))}")
+
+  missing = [f"{'/'.join(k)} {tuple(v.shape)}" for k, v in flat_target.items() if k not in filled]
+  if unexpected or missing or problems:
+    lines = [f"cannot convert {source}" + (f" (prefix {prefix!r})" if prefix else "") + ":"]
+    if problems:
+      lines.append("  shape mismatches:\n    " + "\n    ".join(problems))
+    if unexpected:
+      lines.append("  keys with no place in the model:\n    " + "\n    ".join(unexpected[:50]))
+      if len(unexpected) > 50:
+        lines.append(f"    ... and {len(unexpected) - 50} more")
+    if missing:
+      lines.append("  model variables the state_dict does not provide:\n    " + "\n    ".join(missing[:50]))
+      if len(missing) > 50:
+        lines.append(f"    ... and {len(missing) - 50} more")
+    raise ConversionError("\n".join(lines))
+  return traverse_util.unflatten_dict(filled)
+
+
+def variables_shape(module, *args, rngs=None, **kwargs) -> dict[str, Any]:
+  """``jax.eval_shape`` of ``module.init`` — the target for ``convert_state_dict``, allocation-free."""
+  rngs = rngs if rngs is not None else {"params": jax.random.key(0)}
+  return jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))
+
+
+def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """Reads a PyTorch or safetensors checkpoint into ``{key: np.ndarray}`` without running pickle code.
+
+  ``.safetensors`` needs no torch. ``.pt/.pth/.bin`` need torch and load with
+  ``weights_only=True`` (tensors and plain containers only). A checkpoint that wraps its
+  ``state_dict`` (``{'state_dict': ...}`` or ``{'model': ...}``) is unwrapped.
+  """
+  import os
+
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+
+    return dict(load_file(path))
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"reading {path} needs PyTorch (pip install torch==2.13.0); "
+                      "or convert it to .safetensors first") from e
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  for wrapper in ("state_dict", "model", "model_state_dict"):
+    if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+      obj = obj[wrapper]
+      break
+  if not isinstance(obj, dict):
+    raise ConversionError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if hasattr(v, "detach"):
+      v = v.detach().cpu()
+      out[k] = v.float().numpy() if v.is_floating_point() else v.numpy()
+  return out
+
+
+def _unfreeze(tree):
+  if hasattr(tree, "unfreeze"):
+    return tree.unfreeze()
+  return jax.tree_util.tree_map(lambda x: x, dict(tree)) if isinstance(tree, Mapping) else tree

@@ -1,0 +1,212 @@
+"""Building blocks with PyTorch semantics, shared by every ported model.
+
+Everything here is NHWC. The differences from stock Flax that matter for numerical parity
+(../shared/docs/reference-models.md §0.1) are handled once, here:
+
+* ``BatchNorm`` keeps torch's running-statistics rule: normalise with the biased batch variance,
+  store the *unbiased* one, ``momentum`` in torch's convention (new = (1-m)·old + m·batch), and a
+  ``num_batches_tracked`` counter so state dicts round-trip.
+* ``Conv2d`` always pads explicitly and symmetrically (never ``'SAME'``).
+* ``max_pool2d`` pads with -inf and floors like ``nn.MaxPool2d(ceil_mode=False)``.
+* ``resize_bilinear_align_corners`` is ``F.interpolate(mode='bilinear', align_corners=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def torch_uniform_init(fan_in_axes: Sequence[int] | None = None):
+  """torch's default Conv/Linear weight init: kaiming_uniform(a=√5) = U(±1/√fan_in)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    axes = fan_in_axes if fan_in_axes is not None else tuple(range(len(shape) - 1))
+    fan_in = int(np.prod([shape[a] for a in axes]))
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def torch_bias_init(fan_in: int):
+  """torch's default bias init for Conv/Linear: U(±1/√fan_in)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / np.sqrt(max(fan_in, 1))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
+  """torchvision ResNet conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu') on HWIO."""
+  fan_out = int(np.prod(shape[:-2])) * shape[-1]
+  return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with torch's semantics.
+
+  Variables: params ``scale``/``bias`` (torch ``weight``/``bias``); batch_stats ``mean``/``var``/
+  ``num_batches_tracked`` (torch ``running_mean``/``running_var``/``num_batches_tracked``).
+
+  Attributes:
+    momentum: torch convention: running = (1 - momentum)·running + momentum·batch.
+    epsilon: added to the variance before the rsqrt.
+    use_running_average: eval mode when True (may also be passed at call time).
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  use_running_average: bool | None = None
+  use_scale: bool = True
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  scale_init: Any = nn.initializers.ones
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    features = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+
+    if use_ra:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass: as precise as torch's
+      if not self.is_initializing():
+        n = int(np.prod([x.shape[a] for a in axes]))
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        running_mean.value = (1.0 - m) * running_mean.value + m * mean
+        running_var.value = (1.0 - m) * running_var.value + m * unbiased
+        batches.value = batches.value + 1
+
+    inv = jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      inv = inv * self.param("scale", self.scale_init, (features,), self.param_dtype)
+    y = (x.astype(jnp.float32) - mean) * inv
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (features,), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    return y.astype(dtype)
+
+
+class Conv2d(nn.Module):
+  """``nn.Conv2d`` in NHWC with torch's symmetric integer padding and torch's default init."""
+
+  features: int
+  kernel_size: int | tuple[int, int]
+  stride: int | tuple[int, int] = 1
+  padding: int | tuple[int, int] = 0
+  dilation: int | tuple[int, int] = 1
+  groups: int = 1
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = _pair(self.kernel_size)
+    ph, pw = _pair(self.padding)
+    in_per_group = x.shape[-1] // self.groups
+    fan_in = in_per_group * kh * kw
+    kernel_init = self.kernel_init or torch_uniform_init((0, 1, 2))
+    kernel = self.param("kernel", kernel_init, (kh, kw, in_per_group, self.features), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        kernel.astype(dtype),
+        window_strides=_pair(self.stride),
+        padding=((ph, ph), (pw, pw)),
+        rhs_dilation=_pair(self.dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups,
+    )
+    if self.use_bias:
+      bias = self.param("bias", torch_bias_init(fan_in), (self.features,), self.param_dtype)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Linear(nn.Module):
+  """``nn.Linear`` (``kernel`` is torch's ``weight.T``) with torch's default init."""
+
+  features: int
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", torch_uniform_init((0,)), (fan_in, self.features), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param("bias", torch_bias_init(fan_in), (self.features,), self.param_dtype).astype(dtype)
+    return y
+
+
+def max_pool2d(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
+  """``nn.MaxPool2d(kernel, stride, padding)`` (ceil_mode=False, -inf padding), NHWC."""
+  return nn.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def avg_pool2d(x: jax.Array, kernel: int, stride: int | None = None, padding: int = 0) -> jax.Array:
+  """``nn.AvgPool2d(kernel, stride, padding)`` with count_include_pad=True, NHWC."""
+  stride = stride or kernel
+  return nn.avg_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)),
+                     count_include_pad=True)
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """``F.interpolate(x, size, mode='bilinear', align_corners=True)`` for NHWC ``x``."""
+  out_h, out_w = size
+  in_h, in_w = x.shape[-3], x.shape[-2]
+
+  def coords(n_out, n_in):
+    if n_out == 1:
+      src = jnp.zeros((1,), jnp.float32)
+    else:
+      src = jnp.arange(n_out, dtype=jnp.float32) * ((n_in - 1) / (n_out - 1))
+    lo = jnp.clip(jnp.floor(src).astype(jnp.int32), 0, n_in - 1)
+    hi = jnp.minimum(lo + 1, n_in - 1)
+    return lo, hi, src - lo.astype(jnp.float32)
+
+  y0, y1, wy = coords(out_h, in_h)
+  x0, x1, wx = coords(out_w, in_w)
+  xf = x.astype(jnp.float32)
+  top = jnp.take(xf, y0, axis=-3)
+  bot = jnp.take(xf, y1, axis=-3)
+  wy = wy[:, None, None]
+  rows = top + (bot - top) * wy
+  left = jnp.take(rows, x0, axis=-2)
+  right = jnp.take(rows, x1, axis=-2)
+  out = left + (right - left) * wx[:, None]
+  return out.astype(x.dtype)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """``F.normalize(x, dim=axis)``: x / max(‖x‖₂, eps)."""
+  norm = jnp.linalg.norm(x, axis=axis, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def _pair(v) -> tuple[int, int]:
+  return (v, v) if isinstance(v, int) else tuple(v)

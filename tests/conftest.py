@@ -1,0 +1,31 @@
+"""Shared test set-up: CPU, 8 fake devices, full-precision matmuls, and the parity fixture location."""
+
+import os
+
+# Must happen before jax is imported anywhere in the test process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parity_dir() -> str:
+  """``$JAXRETINA_PARITY_DIR``, else ``../shared/parity`` beside the checkout."""
+  return os.environ.get("JAXRETINA_PARITY_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared", "parity")
+
+
+def require_parity_dir() -> str:
+  """The fixture directory; skips visibly where absent, fails instead when CI demands them."""
+  d = parity_dir()
+  if not os.path.isdir(d):
+    msg = f"parity fixtures not found at {d} (set JAXRETINA_PARITY_DIR)"
+    if os.environ.get("JAXRETINA_REQUIRE_PARITY") == "1":
+      pytest.fail(msg + " and JAXRETINA_REQUIRE_PARITY=1 forbids skipping")
+    pytest.skip(msg)
+  return d
