@@ -1,0 +1,109 @@
+r"""Benchmark of a config's train step: ``python -m jaxretina.bench --config configs/keepfit.py [--steps N]``.
+
+Prints compile seconds, steady-state train throughput (img/s, global and per device) and peak
+memory. The step runs on one batch drawn from the config's own pipeline, repeated (compute only,
+MaxText's "synthetic data" mode), so input speed does not enter the number.
+
+These machines have slow phases in which a process gets about one of its cores (see
+../shared/docs/stack-notes.md). Each step's process CPU time is divided by wall time × the cores
+the process may use; only steps where that ratio is ≥ ``--min_cpu_share`` count towards the
+median, and how many did is printed. On accelerators the ratio is not meaningful and every step
+counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_MIN_CPU_SHARE = flags.DEFINE_float("min_cpu_share", 0.85, "CPU-only: keep steps with cpu/(wall·cores) ≥ this.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+
+
+def _peak_memory_bytes(devices) -> tuple[int, str]:
+  stats = [d.memory_stats() for d in devices if hasattr(d, "memory_stats")]
+  stats = [s for s in stats if s and "peak_bytes_in_use" in s]
+  if stats:
+    return max(s["peak_bytes_in_use"] for s in stats), "device peak_bytes_in_use (max over devices)"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host process max RSS"
+
+
+def benchmark(config, steps: int, warmup: int, min_cpu_share: float) -> dict:
+  import jax
+
+  from jaxretina.train import distributed, loop
+
+  mesh = distributed.make_mesh(config.mesh)
+  task = loop._get_task(config, mesh)  # noqa: SLF001 - the bench drives the loop's own task factory
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(task.init_state, rng)
+  shardings = loop.state_shardings(mesh, abstract)
+  state = jax.jit(task.init_state, out_shardings=shardings)(rng)
+  streams = task.data_streams(mesh)
+  batch = loop._stack_streams(streams, mesh)  # noqa: SLF001
+  step_fn = jax.jit(task.train_step, in_shardings=(shardings, distributed.batch_sharding(mesh)),
+                    out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  on_cpu = jax.devices()[0].platform == "cpu"
+  walls, kept = [], []
+  for _ in range(steps):
+    c0, w0 = time.process_time(), time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    wall = time.perf_counter() - w0
+    share = (time.process_time() - c0) / (wall * cores)
+    walls.append(wall)
+    if not on_cpu or share >= min_cpu_share:
+      kept.append(wall)
+  used = kept or walls
+  median = statistics.median(used)
+  peak, peak_kind = _peak_memory_bytes(jax.local_devices())
+  return {
+      "config_task": config.task,
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "global_batch": task.global_batch_size,
+      "compile_s": round(compile_s, 2),
+      "step_s_median": round(median, 4),
+      "img_per_s": round(task.global_batch_size / median, 2),
+      "img_per_s_per_device": round(task.global_batch_size / median / jax.device_count(), 2),
+      "steps_timed": len(walls),
+      "steps_kept": len(kept) if on_cpu else len(walls),
+      "kept_rule": f"cpu/(wall*{cores}) >= {min_cpu_share}" if on_cpu else "all",
+      "peak_memory_mb": round(peak / 2**20, 1),
+      "peak_memory_kind": peak_kind,
+      "loss_finite": bool(jax.device_get(metrics["loss"]) == jax.device_get(metrics["loss"])),
+  }
+
+
+def main(argv) -> None:
+  del argv
+  result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _MIN_CPU_SHARE.value)
+  for k, v in result.items():
+    print(f"{k:22s} {v}")
+  if result["steps_kept"] == 0:
+    print("warning: no step met the CPU-share rule (machine in a slow phase); median over all steps",
+          file=sys.stderr)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,447 @@
+"""Grain input pipelines on random-access (ArrayRecord / TFDS) sources.
+
+Every stream has the same shape, built for multi-host training:
+
+  record indices ─ shuffle (seeded, reshuffled each epoch) ─ repeat ─ per-example host work
+  (PNG decode, optional resize, FLAIR prompt / caption) ─ shard by process ─ batch (local batch =
+  global // process_count, drop remainder; tokenisation per batch) ─ ``to_iter_dataset``.
+
+The shuffle and every per-example random draw are functions of ``(seed, global position)`` only,
+so a stream is deterministic, independent of ``process_count`` in content, and its iterator
+state (``iterator.get_state()`` / ``set_state()``) is a small dict an Orbax checkpoint can hold:
+restoring it yields exactly the batch that would have come next. The process shards are strided
+slices of one global stream: disjoint, covering, and equal in size up to one example.
+
+Records are dicts as TFDS data sources give them (bytes for strings): ``image`` (encoded bytes,
+or an already decoded uint8 array), ``categories``/``atributes`` (JSON strings as in
+``synthetic_retina``, FLAIR's python-list strings, or sequences), ``caption``, ``label``, ``id``,
+``dataset``. Images are decoded here (PIL), so a corrupt record fails with an error naming the
+dataset, split, record index and id.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from jaxretina.text import prompts
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # Grain (and its worker processes) read absl flags; outside an absl app nothing parsed them.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+Tokenize = Callable[[list[str], int], dict[str, np.ndarray]]
+
+DEFAULT_CAPTION_TEMPLATE = "A [ATR] fundus photograph of [CLS]"
+
+
+def _default_read_options() -> grain.ReadOptions:
+  # Decoding and prompt building are GIL-bound Python: two threads and a short buffer keep the
+  # host busy without stealing the cores the train step runs on.
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+class RecordSource:
+  """A random-access split together with where it came from (for error messages).
+
+  Attributes:
+    name: dataset name (with config), e.g. ``"synthetic_retina/small"``.
+    split: split name.
+    data_dir: TFDS data directory.
+    info: the builder's ``tfds.core.DatasetInfo`` (features, split sizes).
+  """
+
+  def __init__(self, data_source, *, name: str, split: str, data_dir: str, info=None):
+    self._data_source = data_source
+    self.name, self.split, self.data_dir, self.info = name, split, data_dir, info
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> dict:
+    return self._data_source[index]
+
+  def __repr__(self) -> str:
+    return f"RecordSource(name={self.name!r}, split={self.split!r}, data_dir={self.data_dir!r}, len={len(self)})"
+
+
+def open_source(name: str, split: str, data_dir: str, builder_kwargs: dict | None = None) -> RecordSource:
+  """Opens a prepared TFDS split as a random-access source; images stay encoded (decoded in the pipeline).
+
+  Args:
+    name: registered TFDS name, optionally ``name/config``.
+    split: split name (``"train"``, ``"test"``, ...).
+    data_dir: TFDS data directory holding the prepared dataset.
+    builder_kwargs: extra ``tfds.builder`` keywords (``config=``, builder-specific sizes).
+
+  Raises:
+    FileNotFoundError: the dataset is not prepared under `data_dir`.
+    ValueError: unknown dataset, missing split, or an empty split.
+  """
+  import tensorflow_datasets as tfds
+
+  import jaxretina.datasets  # noqa: F401  (registers jaxretina's builders)
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"open_source: no TFDS dataset named {name!r} (data_dir {data_dir!r}): {e}") from e
+  label = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"open_source: dataset {label!r} is not prepared under data_dir {data_dir!r} "
+                            f"(expected {builder.data_dir}); build it with jaxretina.datasets.ensure_built")
+  splits = builder.info.splits
+  if split not in splits:
+    raise ValueError(f"open_source: dataset {label!r} in data_dir {data_dir!r} has no split {split!r}; "
+                     f"available: {sorted(splits)}")
+  if splits[split].num_examples == 0:
+    raise ValueError(f"open_source: split {split!r} of dataset {label!r} in data_dir {data_dir!r} is empty")
+  decoders = None
+  if "image" in builder.info.features and isinstance(builder.info.features["image"], tfds.features.Image):
+    decoders = {"image": tfds.decode.SkipDecoding()}
+  source = builder.as_data_source(split=split, decoders=decoders)
+  if len(source) == 0:
+    raise ValueError(f"open_source: split {split!r} of dataset {label!r} in data_dir {data_dir!r} is empty")
+  return RecordSource(source, name=label, split=split, data_dir=str(data_dir), info=builder.info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-record helpers
+# ---------------------------------------------------------------------------------------------
+def _where(source) -> str:
+  name = getattr(source, "name", None)
+  split = getattr(source, "split", None)
+  if name is None and hasattr(source, "dataset_info"):
+    name = source.dataset_info.name
+  if name is None:
+    name = type(source).__name__
+  return f"dataset {name!r}, split {split!r}" if split is not None else f"dataset {name!r}"
+
+
+def _text(value) -> str:
+  if isinstance(value, (bytes, np.bytes_)):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return _text(value.item())
+  return str(value)
+
+
+def _str_list(value) -> list[str]:
+  """Lists of strings as stored by the builders: JSON / python-list strings, or sequences."""
+  if value is None:
+    return []
+  if isinstance(value, (bytes, np.bytes_, str)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+    text = _text(value).strip()
+    if not text:
+      return []
+    try:
+      parsed = json.loads(text)
+    except json.JSONDecodeError:
+      parsed = ast.literal_eval(text)  # FLAIR dataframes: "['clean']"
+    if isinstance(parsed, str):
+      return [parsed]
+    return [_text(v) for v in parsed]
+  return [_text(v) for v in value]
+
+
+def _record(source, index: int) -> dict:
+  try:
+    return source[int(index)]
+  except Exception as e:  # noqa: BLE001  (re-raised with the record's address)
+    raise RuntimeError(f"could not read record {index} of {_where(source)}: {type(e).__name__}: {e}") from e
+
+
+def _decode_image(record: dict, index: int, source, image_size: int | None) -> np.ndarray:
+  """uint8 (H, W, 3) of a record; resized (PIL bilinear) to image_size² when given and different."""
+  if "image" not in record:
+    raise KeyError(f"record {index} of {_where(source)} has no 'image' field (fields: {sorted(record)})")
+  value = record["image"]
+  try:
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+      image = Image.fromarray(value)
+    else:
+      with Image.open(io.BytesIO(bytes(value))) as opened:
+        image = opened.convert("RGB")
+        image.load()
+    if image.mode != "RGB":
+      image = image.convert("RGB")
+    if image_size is not None and image.size != (image_size, image_size):
+      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image, np.uint8)
+  except Exception as e:  # noqa: BLE001  (any decoder failure: report which record, not PIL's internals)
+    record_id = _text(record["id"]) if "id" in record else "?"
+    raise ValueError(f"corrupt or unreadable image in record {index} (id {record_id!r}) of {_where(source)}: "
+                     f"{type(e).__name__}: {e}") from None
+
+
+def _category_index(category_names: Sequence[str]) -> dict[str, int]:
+  index = {}
+  for i, name in enumerate(category_names):
+    index.setdefault(name, i)
+  return index
+
+
+class _TextExample:
+  """Builds one (image, text, category id) element from a record index and a seeded generator."""
+
+  def __init__(self, source, *, category_names, caption_template, augment, use_caption, image_size):
+    self.source = source
+    self.category_ids = _category_index(category_names)
+    self.caption_template = caption_template
+    self.augment = augment
+    self.use_caption = use_caption
+    self.image_size = image_size
+
+  def __call__(self, record_index: int, rng: np.random.Generator) -> dict[str, Any]:
+    record = _record(self.source, record_index)
+    image = _decode_image(record, record_index, self.source, self.image_size)
+    categories = _str_list(record.get("categories"))
+    if self.use_caption:
+      if "caption" not in record:
+        raise KeyError(f"use_caption=True but record {record_index} of {_where(self.source)} has no 'caption'")
+      text = _text(record["caption"])
+      category = categories[0] if categories else None
+      category_id = self.category_ids.get(category, -1) if category is not None else -1
+    else:
+      report, category = prompts.produce_description(categories, _str_list(record.get("atributes")), rng,
+                                                     self.caption_template)
+      if self.augment:
+        report = prompts.augment_description(report, category, rng, _text(record.get("dataset", "")))
+      if category not in self.category_ids:
+        raise ValueError(f"category {category!r} of record {record_index} (id {_text(record.get('id', '?'))!r}) "
+                         f"of {_where(self.source)} is not in category_names; list every category the data "
+                         f"can carry (for synthetic_retina: jaxretina.data.synthetic.CATEGORY_NAMES)")
+      text, category_id = report, self.category_ids[category]
+    return {"image": image, "text": text, "category_id": category_id}
+
+
+def _text_batch_fn(tokenize: Tokenize, max_length: int, where: str):
+
+  def batch_fn(elements: Sequence[dict]) -> dict[str, np.ndarray]:
+    shapes = {e["image"].shape for e in elements}
+    if len(shapes) > 1:
+      raise ValueError(f"images of different sizes {sorted(shapes)} in one batch from {where}; pass image_size")
+    tokens = tokenize([e["text"] for e in elements], max_length)
+    return {
+        "image": np.stack([e["image"] for e in elements]),
+        "input_ids": np.asarray(tokens["input_ids"], np.int32),
+        "attention_mask": np.asarray(tokens["attention_mask"], np.int32),
+        "category_id": np.asarray([e["category_id"] for e in elements], np.int32),
+    }
+
+  return batch_fn
+
+
+def _check_sharding(global_batch_size: int, process_index: int, process_count: int, where: str) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"{where}: need 0 <= process_index < process_count, got {process_index}, {process_count}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"{where}: global batch size {global_batch_size} must be a positive multiple of "
+                     f"process_count {process_count}")
+  return global_batch_size // process_count
+
+
+def _check_nonempty(source, where: str) -> int:
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"{where}: {_where(source)} is empty")
+  return n
+
+
+def _check_seed(seed: int, where: str) -> int:
+  if int(seed) < 0:
+    raise ValueError(f"{where}: seed must be non-negative, got {seed}")
+  return int(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------
+def image_text_batches(source, *, tokenize: Tokenize, max_length: int, category_names: Sequence[str],
+                       caption_template: str = DEFAULT_CAPTION_TEMPLATE, augment_description: bool = True,
+                       use_caption: bool = False, global_batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1, image_size: int | None = None, num_epochs: int | None = None,
+                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """The contrastive pre-training stream (FLAIR / KeepFIT main batches).
+
+  Args:
+    source: random-access records (``open_source``, a TFDS data source, ``uniform_mixture``...).
+    tokenize: ``tokenize(texts, max_length) -> {'input_ids', 'attention_mask'}`` int32 (n, L),
+      padded to ``max_length`` (static shapes).
+    max_length: L.
+    category_names: the category vocabulary; ``category_id`` indexes it.
+    caption_template: FLAIR's prompt with ``[ATR]``/``[CLS]`` slots.
+    augment_description: FLAIR's ``AugmentDescription`` (category → random expert description).
+    use_caption: KeepFIT's "MM data" mode: the record's raw ``caption`` (no template); then
+      ``category_id`` is the first listed category's index, or -1 when there is none / it is unknown
+      (the KD loss uses identity targets in this mode).
+    global_batch_size: examples per step over all processes.
+    seed: shuffle and per-example randomness (prompt draws depend on ``(seed, position)``).
+    process_index, process_count: this host's shard of the global stream.
+    image_size: resize to image_size² when the stored size differs (PIL bilinear).
+    num_epochs: epochs to iterate (None = forever; the order is reshuffled every epoch).
+    read_options: Grain prefetch threads/buffer (default 2 threads, 4 batches).
+
+  Returns:
+    IterDataset of dicts: ``image`` uint8 (b, H, W, 3), ``input_ids`` int32 (b, L),
+    ``attention_mask`` int32 (b, L), ``category_id`` int32 (b,), b = global_batch_size //
+    process_count; incomplete final batches are dropped.
+  """
+  where = "image_text_batches"
+  _ensure_absl_flags_parsed()
+  local_batch = _check_sharding(global_batch_size, process_index, process_count, where)
+  n = _check_nonempty(source, where)
+  seed = _check_seed(seed, where)
+  make = _TextExample(source, category_names=category_names, caption_template=caption_template,
+                      augment=augment_description, use_caption=use_caption, image_size=image_size)
+  # The prompt draws use a generator of (seed, global position): the same example gets a new
+  # prompt every epoch, and the stream's content does not depend on the process layout.
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map_with_index(lambda position, record_index: make(record_index, np.random.default_rng((seed, position))))
+  ds = ds[process_index::process_count]
+  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_text_batch_fn(tokenize, max_length, _where(source)))
+  return ds.to_iter_dataset(read_options or _default_read_options())
+
+
+def knowledge_batches(source, *, tokenize: Tokenize, max_length: int, global_batch_size: int, seed: int,
+                      category_names: Sequence[str] = (), use_caption: bool = True,
+                      caption_template: str = DEFAULT_CAPTION_TEMPLATE, augment_description: bool = True,
+                      process_index: int = 0, process_count: int = 1, image_size: int | None = None,
+                      num_batches: int | None = None, read_options: grain.ReadOptions | None = None
+                      ) -> grain.IterDataset:
+  """KeepFIT's knowledge ("KD") stream: expert image–text pairs drawn uniformly WITH replacement.
+
+  KeepFIT zips its main loader with a ``WeightedRandomSampler(ones(N), replacement=True)`` loader
+  of the same batch size; here batch k of this stream pairs with batch k of the main stream
+  (iterate both once per step and checkpoint both iterator states). Draw j of global batch k picks
+  record ``default_rng((seed, k * global_batch_size + j)).integers(N)``: deterministic, and
+  independent of the process layout.
+
+  Args:
+    use_caption: True = paper's "MM data" mode (raw ``caption`` text, identity targets);
+      False = committed code's FLAIR-style KD dataframe (prompt from categories; ``category_id``
+      gives co-occurrence targets, so ``category_names`` must cover the categories).
+    num_batches: batches to produce (None = forever).
+    Other arguments as in ``image_text_batches``.
+
+  Returns:
+    IterDataset of dicts like ``image_text_batches``.
+  """
+  where = "knowledge_batches"
+  _ensure_absl_flags_parsed()
+  local_batch = _check_sharding(global_batch_size, process_index, process_count, where)
+  n = _check_nonempty(source, where)
+  seed = _check_seed(seed, where)
+  make = _TextExample(source, category_names=category_names, caption_template=caption_template,
+                      augment=augment_description, use_caption=use_caption, image_size=image_size)
+
+  def draw(position: int, _) -> dict[str, Any]:
+    rng = np.random.default_rng((seed, position))
+    return make(int(rng.integers(n)), rng)
+
+  positions = grain.MapDataset.range(n).repeat(None) if num_batches is None else grain.MapDataset.range(
+      int(num_batches) * global_batch_size)
+  ds = positions.map_with_index(draw)[process_index::process_count]
+  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_text_batch_fn(tokenize, max_length, _where(source)))
+  return ds.to_iter_dataset(read_options or _default_read_options())
+
+
+def labelled_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+                     image_size: int | None = None) -> grain.MapDataset:
+  """Evaluation stream: every example exactly once, in order, padded to whole batches.
+
+  Process p reads records p, p + P, p + 2P, ...; every process yields the same number of batches
+  (multi-host evaluation steps stay in lock-step), padded with ``mask`` False, zero images and
+  label 0.
+
+  Args:
+    source: records with ``image`` and integer ``label``.
+    batch_size: GLOBAL batch size (as in training); each process yields batch_size // process_count.
+    process_index, process_count: this host's shard.
+    image_size: resize to image_size² when the stored size differs.
+
+  Returns:
+    MapDataset (``len`` = number of batches, iterable, indexable) of dicts: ``image`` uint8
+    (b, H, W, 3), ``label`` int32 (b,), ``mask`` bool (b,).
+  """
+  where = "labelled_batches"
+  _ensure_absl_flags_parsed()
+  local_batch = _check_sharding(batch_size, process_index, process_count, where)
+  n = _check_nonempty(source, where)
+  per_process = -(-n // process_count)
+  num_batches = -(-per_process // local_batch)
+  # Padding entries need the image shape; the first record tells it (images must agree anyway).
+  pad_image = np.zeros_like(_decode_image(_record(source, 0), 0, source, image_size))
+
+  def load(local_position: int) -> dict[str, Any]:
+    record_index = process_index + local_position * process_count
+    if record_index >= n:
+      return {"image": pad_image, "label": 0, "mask": False}
+    record = _record(source, record_index)
+    if "label" not in record:
+      raise KeyError(f"record {record_index} of {_where(source)} has no 'label' field (fields: {sorted(record)})")
+    image = _decode_image(record, record_index, source, image_size)
+    return {"image": image, "label": int(record["label"]), "mask": True}
+
+  def batch_fn(elements: Sequence[dict]) -> dict[str, np.ndarray]:
+    if len({e["image"].shape for e in elements}) > 1:
+      raise ValueError(f"images of different sizes in one batch from {_where(source)}; pass image_size")
+    return {"image": np.stack([e["image"] for e in elements]),
+            "label": np.asarray([e["label"] for e in elements], np.int32),
+            "mask": np.asarray([e["mask"] for e in elements], bool)}
+
+  ds = grain.MapDataset.range(num_batches * local_batch).map(load)
+  return ds.batch(local_batch, drop_remainder=True, batch_fn=batch_fn)
+
+
+class UniformMixture:
+  """FLAIR's ``UniformDataset`` as a random-access source: dataset-balanced sampling.
+
+  Item i comes from dataset ``i mod K`` (FLAIR) — or, with ``weights``, from a dataset drawn with
+  those probabilities — and is a uniform draw inside it; all draws are functions of
+  ``(seed, i)``. Length = total number of records (FLAIR's epoch length).
+  """
+
+  def __init__(self, sources: Sequence, weights: Sequence[float] | None = None, seed: int = 0):
+    if not sources:
+      raise ValueError("uniform_mixture: no sources given")
+    for s in sources:
+      _check_nonempty(s, "uniform_mixture")
+    if weights is not None:
+      w = np.asarray(weights, np.float64)
+      if w.shape != (len(sources),) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"uniform_mixture: weights must be {len(sources)} non-negative numbers with a positive "
+                         f"sum, got {weights}")
+      self._cumulative = np.cumsum(w / w.sum())
+    else:
+      self._cumulative = None
+    self.sources = list(sources)
+    self.seed = _check_seed(seed, "uniform_mixture")
+    self.name = "mixture(" + ", ".join(_where(s) for s in sources) + ")"
+    self.split = None
+
+  def __len__(self) -> int:
+    return sum(len(s) for s in self.sources)
+
+  def __getitem__(self, index: int) -> dict:
+    rng = np.random.default_rng((self.seed, int(index)))
+    if self._cumulative is None:
+      k = int(index) % len(self.sources)
+    else:
+      k = min(int(np.searchsorted(self._cumulative, rng.uniform(), side="right")), len(self.sources) - 1)
+    source = self.sources[k]
+    return _record(source, int(rng.integers(len(source))))
+
+
+def uniform_mixture(sources: Sequence, weights: Sequence[float] | None = None, seed: int = 0) -> UniformMixture:
+  """Dataset-balanced mixture of random-access sources (see ``UniformMixture``)."""
+  return UniformMixture(sources, weights, seed)

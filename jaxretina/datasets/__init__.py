@@ -1,0 +1,43 @@
+"""TFDS builders of jaxretina. Importing this package registers every builder with TFDS.
+
+Add new builders to the import list below; ``ensure_built`` prepares any of them on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import tensorflow_datasets as tfds
+
+from jaxretina.datasets import synthetic_retina  # noqa: F401  (registers 'synthetic_retina')
+
+_log = logging.getLogger(__name__)
+
+
+def ensure_built(name: str, data_dir: str, **builder_kwargs) -> tfds.core.DatasetBuilder:
+  """Returns the builder of dataset `name` under `data_dir`, building it (ArrayRecord) if absent.
+
+  Args:
+    name: registered TFDS name, optionally with config (``'synthetic_retina/small'``).
+    data_dir: TFDS data directory.
+    **builder_kwargs: passed to ``tfds.builder`` (``config=``, or builder-specific keywords such
+      as ``image_size=`` for ``synthetic_retina``).
+  """
+  try:
+    builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"ensure_built: no TFDS dataset named {name!r} is registered (did you import "
+                     f"jaxretina.datasets?): {e}") from e
+  if builder.is_prepared():
+    return builder
+  _log.info("Building dataset %s (config %s) in %s ...", builder.name, builder.builder_config.name
+            if builder.builder_config else "-", builder.data_dir)
+  start = time.perf_counter()
+  os.makedirs(data_dir, exist_ok=True)
+  builder.download_and_prepare(file_format="array_record")
+  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  _log.info("Built dataset %s in %s in %.1f s: %s", builder.name, builder.data_dir, time.perf_counter() - start,
+            splits)
+  return builder

@@ -1,0 +1,72 @@
+r"""Entry point: ``python -m jaxretina.main --config configs/<name>.py[:ARG] --workdir DIR [--config.x=y ...]``.
+
+The config names the task (contrastive pretraining or classification), the model, the data and the
+evaluators; the workdir holds checkpoints, ``metrics.jsonl``, TensorBoard events and ``config.json``.
+A workdir that already has a checkpoint is resumed. On a pod, run the same command on every host
+(see ``launch/``); ``jax.distributed`` is initialised from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/keepfit.py[:ARG].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+
+
+def _explain_override_error(argv) -> None:
+  """Turns ml_collections' terse error for a typo'd --config.x into one that lists valid fields."""
+  import ml_collections
+
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    cfg_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if cfg_path is None and "--config" in argv[:-1]:
+      cfg_path = argv[argv.index("--config") + 1]
+    if cfg_path is None:
+      return
+    file, _, cfg_arg = cfg_path.partition(":")
+    from jaxretina.configlib import load_config_module
+
+    cfg = load_config_module(file).get_config(cfg_arg or None)
+    node = cfg
+    for part in path.split("."):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      sys.exit(f"error: --config.{path}: no field {part!r}" + (f"; valid fields here: {', '.join(valid)}"
+                                                                 if valid else ""))
+
+
+def main(argv) -> None:
+  del argv
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  logging.getLogger().setLevel(logging.INFO)
+  from jaxretina.train import loop
+
+  config = _CONFIG.value
+  loop.train_and_evaluate(config, os.path.expanduser(_WORKDIR.value))
+
+
+def run() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  try:
+    flags.FLAGS(sys.argv)  # parse early: ml_collections reports a typo'd override tersely
+  except Exception as e:  # noqa: BLE001 - every parse error ends the run with a message
+    _explain_override_error(sys.argv)
+    sys.exit(f"error: {e}")
+  app.run(main, flags_parser=lambda argv: argv[:1])  # already parsed above
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,136 @@
+"""Multi-process start-up, the device mesh, and how arrays are laid out on it.
+
+jaxretina's answer to "pmap across accelerators" is ``jax.jit`` over a ``Mesh``: the batch is
+sharded over the data axes, parameters are replicated (or, with an ``fsdp`` axis, their largest
+divisible dimension is sharded over it), and XLA inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")  # every batch dimension is split over all of these that the mesh has
+
+_ENV_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+              "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+
+
+def maybe_initialize_distributed(config: Any = None) -> None:
+  """Calls ``jax.distributed.initialize()`` when this process is one of several.
+
+  Explicit settings (``config.distributed.coordinator_address``/``num_processes``/``process_id``, or
+  the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``)
+  win; otherwise JAX's own cluster detection (TPU pods, SLURM, Open MPI) is used when one of those
+  environments is recognised. A single process on one machine does nothing.
+  """
+  dist = dict(getattr(config, "distributed", None) or {}) if config is not None else {}
+  address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  num = dist.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES")
+  pid = dist.get("process_id", -1)
+  pid = pid if pid is not None and int(pid) >= 0 else os.environ.get("JAX_PROCESS_ID")
+  if jax.distributed.is_initialized():
+    return
+  if address and num is not None and pid is not None:
+    logging.info("jax.distributed.initialize(%s, num_processes=%s, process_id=%s)", address, num, pid)
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(num), process_id=int(pid))
+  elif any(os.environ.get(k) for k in _ENV_HINTS) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    logging.info("jax.distributed.initialize() from the cluster environment")
+    jax.distributed.initialize()
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a mesh from ``[(name, size), ...]``; one size may be -1 (all remaining devices).
+
+  Axis types are ``Auto`` (``jax.make_mesh`` defaults to explicit axes in this JAX, which rejects
+  ordinary GSPMD code).
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  names = tuple(str(a[0]) for a in axes)
+  sizes = [int(a[1]) for a in axes]
+  known = int(np.prod([s for s in sizes if s != -1])) if sizes else 1
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may have size -1, got {list(axes)}")
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh {list(axes)}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) < len(devices) and -1 not in [int(a[1]) for a in axes]:
+    # An explicit smaller mesh (e.g. [('data', 1)]) uses the first devices: handy for debugging.
+    logging.warning("config.mesh %s uses %d of %d devices", list(axes), int(np.prod(sizes)), len(devices))
+    devices = devices[:int(np.prod(sizes))]
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"config.mesh {list(axes)} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+  for n in names:
+    if n not in ("data", "fsdp", "model"):
+      raise ValueError(f"config.mesh: unknown axis {n!r} (known: data, fsdp, model)")
+  try:
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except Exception:  # noqa: BLE001 - CPU/fake devices have no topology to optimise for
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def data_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in DATA_AXES if a in mesh.axis_names)
+
+
+def num_data_shards(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in data_axes(mesh)]))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every data axis."""
+  return NamedSharding(mesh, P(data_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_shardings(mesh: Mesh, abstract_tree: Any, min_fsdp_size: int = 2**18) -> Any:
+  """Shardings for a tree of parameters / optimizer state.
+
+  Without an ``fsdp`` axis everything is replicated. With one, each array of at least
+  ``min_fsdp_size`` elements is split along its largest dimension divisible by the axis size
+  (ZeRO-3 style); small arrays stay replicated.
+  """
+  fsdp = mesh.shape.get("fsdp", 1) if "fsdp" in mesh.axis_names else 1
+
+  def rule(x):
+    shape = getattr(x, "shape", ())
+    if fsdp <= 1 or not shape or int(np.prod(shape)) < min_fsdp_size:
+      return replicated(mesh)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if shape[dim] % fsdp == 0:
+        spec = [None] * len(shape)
+        spec[dim] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+    return replicated(mesh)
+
+  return jax.tree.map(rule, abstract_tree)
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice of the batch into global arrays sharded on the data axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """The per-process share of a global batch; errors name the field to fix."""
+  shards = num_data_shards(mesh)
+  if global_batch_size % shards:
+    raise ValueError(f"config.batch_size={global_batch_size} must be divisible by the {shards} data shards "
+                     f"of the mesh {dict(mesh.shape)}")
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={global_batch_size} must be divisible by the "
+                     f"{jax.process_count()} processes")
+  return global_batch_size // jax.process_count()

@@ -1,0 +1,227 @@
+"""The one training loop every task kind runs (contrastive pretraining, classification).
+
+A *task* (scenic's "model bundle") brings the model, its data streams, its loss/step and its
+evaluators; this loop brings everything else: mesh and shardings, born-sharded init, resume from
+the workdir, the jitted step with donated state, metrics, progress, periodic evaluation, and
+checkpoints that are never written from a non-finite state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxretina.train import checkpoint as ckpt_lib
+from jaxretina.train import distributed
+from jaxretina.train.metrics import MetricWriter, Progress
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data: checkpointable as a plain array
+
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats} if self.batch_stats else {"params": self.params}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/Inf; the run stopped before saving anything from that state."""
+
+
+class Task(Protocol):
+  """What a task kind provides to the loop."""
+
+  global_batch_size: int
+  steps_per_epoch: int
+  total_steps: int
+
+  def init_state(self, rng: jax.Array) -> TrainState: ...
+
+  def data_streams(self, mesh) -> dict[str, Iterator[Mapping[str, np.ndarray]]]: ...
+
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]: ...
+
+  def evaluate(self, state: TrainState, mesh) -> dict[str, float]: ...
+
+
+TASKS: dict[str, Callable[[ml_collections.ConfigDict, Any], Task]] = {}
+
+
+def register_task(name: str):
+  def deco(factory):
+    TASKS[name] = factory
+    return factory
+
+  return deco
+
+
+def _get_task(config, mesh) -> Task:
+  # Importing the task modules registers them.
+  from jaxretina.train import contrastive  # noqa: F401
+
+  try:
+    from jaxretina.train import classification  # noqa: F401
+  except ImportError:
+    pass
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}: expected one of {sorted(TASKS)}")
+  return TASKS[config.task](config, mesh)
+
+
+def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
+  rep = distributed.replicated(mesh)
+  return TrainState(
+      step=rep,
+      params=distributed.param_shardings(mesh, abstract_state.params),
+      batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
+      opt_state=distributed.param_shardings(mesh, abstract_state.opt_state),
+      rng=rep,
+  )
+
+
+def _with_sharding(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _stack_streams(streams: Mapping[str, Iterator], mesh) -> dict[str, jax.Array]:
+  batch = {}
+  for prefix, it in streams.items():
+    local = next(it)
+    for k, v in distributed.global_batch(local, mesh).items():
+      batch[k if prefix == "main" else f"{prefix}/{k}"] = v
+  return batch
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics."""
+  distributed.maybe_initialize_distributed(config)
+  mesh = distributed.make_mesh(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+  task = _get_task(config, mesh)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(task.init_state, rng)
+  shardings = state_shardings(mesh, abstract)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.get("keep_checkpoints", 3),
+                                       async_checkpointing=config.get("async_checkpointing", True))
+  streams = task.data_streams(mesh)
+  data_group = ckpt_lib.IteratorGroup(**streams)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s step %d", checkpointer.directory, latest)
+    state = checkpointer.restore(latest, _with_sharding(abstract, shardings), data_group)
+  else:
+    state = jax.jit(task.init_state, out_shardings=shardings)(rng)
+    if hasattr(task, "load_pretrained"):
+      state = task.load_pretrained(state)
+  _write_config(config, workdir)
+
+  start = int(jax.device_get(state.step))
+  total = task.total_steps
+  writer = MetricWriter(workdir)
+  if start >= total:
+    checkpointer.close()
+    final = _last_eval(workdir)
+    _print(f"{workdir}: already trained to step {start}/{total}; last evaluation: {_fmt(final)}")
+    writer.close()
+    return final
+
+  batch_sh = distributed.batch_sharding(mesh)
+  step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
+  log_every = int(config.get("log_every", 10))
+  eval_every = int(config.get("eval_every", 0) or 0)
+  ckpt_every = int(config.get("checkpoint_every", 0) or 0)
+  progress = Progress(total, start, task.global_batch_size)
+  final: dict[str, float] = {}
+  t_start = time.perf_counter()
+  compile_s = None
+  last_metrics = None
+  try:
+    for step in range(start + 1, total + 1):
+      batch = _stack_streams(streams, mesh)
+      t0 = time.perf_counter()
+      state, metrics = step_fn(state, batch)
+      last_metrics = metrics
+      if compile_s is None:
+        jax.block_until_ready(metrics)
+        compile_s = time.perf_counter() - t0
+        logging.info("first step (incl. compile) %.1fs", compile_s)
+      is_log = step % log_every == 0 or step == total
+      is_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total
+      is_eval = (eval_every and step % eval_every == 0) or step == total
+      if is_log or is_ckpt or is_eval:
+        scalars = _finite_or_raise(jax.device_get(metrics), step)
+        progress.update(step, loss=scalars.get("loss", float("nan")))
+        scalars["img_per_s"] = progress.img_per_s
+        writer.write(step, scalars)
+      if is_eval:
+        final = {f"eval/{k}": v for k, v in task.evaluate(state, mesh).items()}
+        writer.write(step, final)
+        _print(f"step {step}: {_fmt(final)}")
+      if is_ckpt:
+        checkpointer.save(step, state, data_group, force=step == total)
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+  if last_metrics is not None:
+    _print(f"trained steps {start + 1}..{total} in {time.perf_counter() - t_start:.0f}s "
+           f"(first step incl. compile {compile_s:.1f}s)")
+  return final
+
+
+def _finite_or_raise(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+  scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.size(v) == 1}
+  bad = [k for k, v in scalars.items() if k.startswith("loss") and not np.isfinite(v)]
+  if bad or not scalars.get("all_finite", 1.0):
+    raise NonFiniteLossError(
+        f"non-finite {', '.join(bad) or 'gradients'} at step {step} ({_fmt(scalars)}). The run stopped "
+        "before saving this state; the last good checkpoint is kept. Lower config.schedule.lr, "
+        "check the data, or use config.dtype=float32.")
+  return scalars
+
+
+def _write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _last_eval(workdir: str) -> dict[str, float]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  last = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if evals:
+          last = evals
+  return last
+
+
+def _fmt(d: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _print(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)

@@ -1,0 +1,70 @@
+"""Optimizers and learning-rate schedules named in the config, with the upstream recipes' semantics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import optax
+
+
+def flair_warmup_cosine(base_lr: float, steps_per_epoch: int, warmup_epochs: float = 1.0,
+                        max_epochs: float = 100.0, eta_min: float = 0.0,
+                        warmup_start_lr: float | None = None) -> Callable[[Any], Any]:
+  """FLAIR's ``LinearWarmupCosineAnnealingLR`` stepped per iteration (flair/pretraining/utils.py).
+
+  W = warm-up iterations, T = max_epochs·steps_per_epoch, lr₀ = base_lr / steps_per_epoch:
+  t < W: lr₀ + t·(lr − lr₀)/(W − 1);  t ≥ W: η_min + (lr − η_min)·½(1 + cos(π(t − W)/(T − W))).
+  FLAIR/KeepFIT set max_epochs=100 whatever the run length, so the cosine barely decays.
+  """
+  warmup = max(int(round(warmup_epochs * steps_per_epoch)), 1)
+  total = max(int(round(max_epochs * steps_per_epoch)), warmup + 1)
+  lr0 = base_lr / steps_per_epoch if warmup_start_lr is None else warmup_start_lr
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    warm = lr0 + t * (base_lr - lr0) / max(warmup - 1, 1)
+    progress = (t - warmup) / (total - warmup)
+    cos = eta_min + (base_lr - eta_min) * 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0.0, 1.0)))
+    return jnp.where(t < warmup, warm, cos)
+
+  return schedule
+
+
+def make_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
+  """``cfg`` is ``config.schedule``: ``name`` in {flair_warmup_cosine, warmup_cosine, constant}."""
+  name = cfg.get("name", "flair_warmup_cosine")
+  lr = float(cfg.lr)
+  if name == "flair_warmup_cosine":
+    return flair_warmup_cosine(lr, steps_per_epoch, cfg.get("warmup_epochs", 1.0), cfg.get("max_epochs", 100.0),
+                               cfg.get("eta_min", 0.0))
+  if name == "warmup_cosine":
+    warm = int(cfg.get("warmup_steps", 0))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 1), max(total_steps, warm + 1),
+                                              cfg.get("eta_min", 0.0))
+  if name == "constant":
+    return optax.constant_schedule(lr)
+  raise ValueError(f"config.schedule.name={name!r}: expected flair_warmup_cosine, warmup_cosine or constant")
+
+
+def make_optimizer(cfg: Any, schedule: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """``cfg`` is ``config.optimizer``: ``name`` in {adamw, sgd}, ``weight_decay``, ``grad_clip``.
+
+  torch AdamW ⇔ ``optax.adamw`` (decoupled decay lr·λ·p, eps outside the sqrt). torch SGD with
+  weight decay adds λ·p to the gradient before momentum: ``add_decayed_weights`` then ``sgd``.
+  """
+  name = cfg.get("name", "adamw")
+  parts = []
+  if cfg.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+  if name == "adamw":
+    parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
+                             weight_decay=float(cfg.get("weight_decay", 0.0))))
+  elif name == "sgd":
+    if cfg.get("weight_decay"):
+      parts.append(optax.add_decayed_weights(float(cfg.weight_decay)))
+    parts.append(optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)))
+  else:
+    raise ValueError(f"config.optimizer.name={name!r}: expected adamw or sgd")
+  return optax.chain(*parts)

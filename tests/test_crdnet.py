@@ -1,0 +1,151 @@
+"""CRD-Net: two-modality forward, loss, flags, block semantics and input validation (tiny widths)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxretina.models import convert, crdnet
+
+NUM_CLASSES = 3
+
+
+def random_variables(module, *args, seed=0, **kwargs):
+  """Variables of ``module`` drawn with numpy from its ``eval_shape``d init.
+
+  ``module.init`` compiles one threefry kernel per parameter shape (tens of CPU seconds for a
+  ResNet on these machines); numpy draws cost nothing. Kernels ~ N(0, 1/fan_in), BN identity.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = getattr(path[-1], "key", str(path[-1]))
+    if name in ("mean", "num_batches_tracked"):
+      return np.zeros(leaf.shape, leaf.dtype)
+    if name in ("var", "scale"):
+      return np.ones(leaf.shape, leaf.dtype)
+    fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
+    return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, convert.variables_shape(module, *args, **kwargs))
+
+
+def _images(seed, shape):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _tiny(**kw):
+  cfg = dict(num_classes=NUM_CLASSES, in_channels=(3, 1), backbone_layers=(1, 1, 1, 1), backbone_base_width=4,
+             cross_dim=16, num_heads=2)
+  cfg.update(kw)
+  return crdnet.CRDNet(**cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+  """One jitted forward+backward of a tiny CRD-Net: RGB x (32×32) and 1-channel y (32×48)."""
+  model = _tiny(skip_stem_maxpool=True)
+  x, y = _images(0, (2, 32, 32, 3)), _images(1, (2, 32, 48, 1))
+  labels = jnp.array([0, 2])
+  variables = random_variables(model, x, y)
+
+  def loss_fn(params):
+    outs, state = model.apply({**variables, "params": params}, x, y, mutable=["intermediates"])
+    return crdnet.crdnet_loss(outs, labels), (outs, state["intermediates"])
+
+  (loss, (outs, inter)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+  return dict(model=model, variables=variables, x=x, y=y, labels=labels, loss=loss, outs=outs, inter=inter,
+              grads=grads)
+
+
+def test_two_modalities_with_different_channels_and_sizes(tiny_run):
+  out, out_x, out_y = tiny_run["outs"]
+  for logits in (out, out_x, out_y):
+    assert logits.shape == (2, NUM_CLASSES) and np.all(np.isfinite(logits))
+  inter = tiny_run["inter"]
+  # Output stride 16 with the skipped max-pool: 32x32 -> 2x2, 32x48 -> 2x3; 32 channels (4*8).
+  assert inter["x_s4"][0].shape == (2, 2, 2, 32)
+  assert inter["y_s4"][0].shape == (2, 2, 3, 32)
+  assert inter["gate_y"][0].shape == inter["fusion_y"][0].shape == (2, 2, 3, 32)
+  params = tiny_run["variables"]["params"]
+  # Upstream replaces conv1 of a non-RGB tower by a Conv2d with bias.
+  assert params["backbone_y"]["conv1"]["kernel"].shape == (7, 7, 1, 4) and "bias" in params["backbone_y"]["conv1"]
+  assert "bias" not in params["backbone_x"]["conv1"]
+
+
+def test_loss_is_sum_of_three_cross_entropies_and_grads_flow(tiny_run):
+  labels = tiny_run["labels"]
+  expected = sum(optax.softmax_cross_entropy_with_integer_labels(o, labels).mean() for o in tiny_run["outs"])
+  np.testing.assert_allclose(tiny_run["loss"], expected, rtol=1e-5)
+  grads = tiny_run["grads"]
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  for tower in ("backbone_x", "backbone_y"):
+    assert np.abs(grads[tower]["conv1"]["kernel"]).sum() > 0
+  assert np.abs(grads["cross_att_stage4"]["cross_att"]["x_qkv"]["kernel"]).sum() > 0
+  weighted = crdnet.crdnet_loss(tiny_run["outs"], labels, weights=(1.0, 0.0, 0.0))
+  np.testing.assert_allclose(weighted, optax.softmax_cross_entropy_with_integer_labels(
+      tiny_run["outs"][0], labels).mean(), rtol=1e-6)
+
+
+def test_skip_stem_maxpool_flag_sets_output_stride(tiny_run):
+  x, y = tiny_run["x"], tiny_run["y"]
+  for skip, expected in ((True, (2, 2, 2, 32)), (False, (2, 1, 1, 32))):
+    model = _tiny(skip_stem_maxpool=skip)
+    _, state = jax.eval_shape(lambda v: model.apply(v, x, y, mutable=["intermediates"]), tiny_run["variables"])
+    assert state["intermediates"]["x_s4"][0].shape == expected
+  assert crdnet.CRDNet(num_classes=2).skip_stem_maxpool is False  # the default is the standard ResNet
+
+
+def test_clear_errors_for_bad_modalities(tiny_run):
+  model, variables, x, y = (tiny_run[k] for k in ("model", "variables", "x", "y"))
+  with pytest.raises(ValueError, match="expects 2 modalities"):
+    model.apply(variables, x)
+  with pytest.raises(ValueError, match="expects 2 modalities"):
+    model.apply(variables, x, y, y)
+  with pytest.raises(ValueError, match=r"y \(modality 2\).*expected 1 channels, got 3"):
+    model.apply(variables, x, x)
+  with pytest.raises(ValueError, match="batch size"):
+    model.apply(variables, x, y[:1])
+
+
+def test_cross_att_residual_inside_and_cross_dependence():
+  module = crdnet.CrossAtt(dim=8, num_heads=2)
+  x, y = _images(2, (1, 3, 2, 6)), _images(3, (1, 2, 2, 4))
+  variables = random_variables(module, x, y)
+  out_x, out_y = module.apply(variables, x, y)
+  assert out_x.shape == x.shape and out_y.shape == y.shape
+  # x's queries read y's keys/values: changing y moves out_x.
+  out_x2, _ = module.apply(variables, x, y * 2.0)
+  assert not np.allclose(out_x, out_x2)
+  # With zero output projections only the residual is left.
+  zeroed = jax.tree_util.tree_map(np.zeros_like, variables)
+  np.testing.assert_array_equal(module.apply(zeroed, x, y)[0], x)
+
+
+def test_cross_gate_last_ffn_has_no_residual():
+  module = crdnet.CrossGate(dim=8, num_heads=2)
+  x, y = _images(4, (1, 2, 3, 6)), _images(5, (1, 3, 2, 4))
+  variables = random_variables(module, x, y)
+  params = jax.tree_util.tree_map(lambda a: a, variables["params"])
+  for name in ("mlp_x_after", "mlp_y_after"):
+    params[name]["fc2_1"] = {"scale": np.zeros_like(params[name]["fc2_1"]["scale"]),
+                             "bias": np.zeros_like(params[name]["fc2_1"]["bias"])}
+  out_x, out_y = module.apply({**variables, "params": params}, x, y)
+  np.testing.assert_array_equal(out_x, 0.0)  # a residual would have passed x through
+  np.testing.assert_array_equal(out_y, 0.0)
+
+
+def test_attention4d_downsample_and_uffn_mid_conv():
+  x = _images(6, (1, 4, 6, 8))
+  att = crdnet.Attention4D(num_heads=2, key_dim=4, attn_ratio=2.0, downsample=True)
+  variables = random_variables(att, x)
+  y, state = att.apply(variables, x, mutable=["intermediates"])
+  assert y.shape == x.shape
+  assert state["intermediates"]["v_local"][0].shape == (1, 2, 3, 16)  # keys/values at half resolution
+  assert state["intermediates"]["q"][0].shape == (1, 4, 6, 8)
+  ffn = crdnet.UFFN(out_dim=5, expansion_rate=2.0, use_mid_conv=True)
+  ffn_vars = random_variables(ffn, x)
+  assert ffn_vars["params"]["mid_conv_0"]["kernel"].shape == (3, 3, 1, 16)  # depthwise
+  assert ffn.apply(ffn_vars, x).shape == (1, 4, 6, 5)
+  assert "mid_conv_0" not in random_variables(crdnet.UFFN(out_dim=5, use_mid_conv=False), x)["params"]
