@@ -44,13 +44,13 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float) -> dict:
   from jaxretina.train import distributed, loop
 
   mesh = distributed.make_mesh(config.mesh)
-  task = loop._get_task(config, mesh)  # noqa: SLF001 - the bench drives the loop's own task factory
+  task = loop.get_task(config, mesh)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
   shardings = loop.state_shardings(mesh, abstract)
   state = jax.jit(task.init_state, out_shardings=shardings)(rng)
   streams = task.data_streams(mesh)
-  batch = loop._stack_streams(streams, mesh)  # noqa: SLF001
+  batch = loop.next_batch(streams, mesh)
   step_fn = jax.jit(task.train_step, in_shardings=(shardings, distributed.batch_sharding(mesh)),
                     out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
   t0 = time.perf_counter()

@@ -32,13 +32,13 @@ loop.train_and_evaluate(config, workdir)
 
 # Read the final params back from the shared checkpoint, fully replicated on every process.
 mesh = distributed.make_mesh(config.mesh)
-task = loop._get_task(config, mesh)  # noqa: SLF001
+task = loop.get_task(config, mesh)
 abstract = jax.eval_shape(task.init_state, jax.random.PRNGKey(config.seed))
 shardings = loop.state_shardings(mesh, abstract)
 from jaxretina.train import checkpoint as ckpt_lib  # noqa: E402
 
 c = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_checkpointing=False)
-state = c.restore(c.latest_step(), loop._with_sharding(abstract, shardings), None)  # noqa: SLF001
+state = c.restore(c.latest_step(), loop.with_sharding(abstract, shardings), None)
 c.close()
 params = multihost_utils.process_allgather(state.params, tiled=True)
 flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)

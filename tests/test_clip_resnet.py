@@ -94,7 +94,7 @@ def test_attention_pool_matches_reference_and_mean_query():
   pool = clip_resnet.AttentionPool2d(spacial_dim=2, embed_dim=8, num_heads=2, output_dim=5)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 2, 2, 8)), jnp.float32)
   variables = random_variables(pool, x, seed=3)
-  y = pool.apply(variables, x)
+  y = jax.jit(pool.apply)(variables, x)
   p = jax.tree_util.tree_map(np.asarray, variables["params"])
   for i in range(3):
     np.testing.assert_allclose(y[i], _reference_attnpool(np.asarray(x[i]), p, 2), rtol=1e-5, atol=1e-5)

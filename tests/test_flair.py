@@ -33,8 +33,29 @@ def _batch(b=3, length=7, pad_from=None, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def _kd_variables():
-  """Variables of the tiny KeepFIT model, initialised once for the whole module."""
-  return jax.jit(_tiny(knowledge_attention=True).init)({"params": jax.random.key(0)}, *_batch())
+  """Random variables of the tiny KeepFIT model, made once for the whole module.
+
+  Filled from numpy on the shapes of ``init`` rather than by ``jax.jit(model.init)``, whose XLA
+  compilation alone costs ~20 s of CPU.
+  """
+  from flax import traverse_util
+
+  rng = np.random.default_rng(0)
+  shapes = traverse_util.flatten_dict(convert.variables_shape(_tiny(knowledge_attention=True), *_batch()))
+  out = {}
+  for path, leaf in shapes.items():
+    name = path[-1]
+    if name in ("scale", "var"):
+      value = np.ones(leaf.shape)
+    elif name in ("bias", "mean", "num_batches_tracked"):
+      value = np.zeros(leaf.shape)
+    elif name == "logit_scale":
+      value = np.log(1 / 0.07)
+    else:  # kernels and embeddings
+      fan_in = int(np.prod(leaf.shape[:-1])) if name == "kernel" else 1
+      value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape)
+    out[path] = jnp.asarray(value, leaf.dtype)
+  return traverse_util.unflatten_dict(out)
 
 
 def _tiny_variables(knowledge_attention=False):
@@ -108,8 +129,10 @@ def test_logit_scale_clamp_and_its_gradient():
 
 
 def test_logit_scale_param_initialisation():
-  variables = _tiny_variables()
-  np.testing.assert_allclose(variables["params"]["logit_scale"], np.log(1 / 0.07), rtol=1e-6)
+  # Only the temperature is created: the towers are initialised lazily when called.
+  variables = _tiny(logit_scale_init=0.05).init(jax.random.key(0), method=lambda m: m.logit_scale)
+  assert list(variables["params"]) == ["logit_scale"]
+  np.testing.assert_allclose(variables["params"]["logit_scale"], np.log(1 / 0.05), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------- attention

@@ -29,7 +29,7 @@ def data_dir(tmp_path_factory):
 def _params(workdir: str, config):
   """Final params of a finished run, restored from its checkpoint."""
   mesh = distributed.make_mesh(config.mesh)
-  task = loop._get_task(config, mesh)  # noqa: SLF001
+  task = loop.get_task(config, mesh)
   abstract = jax.eval_shape(task.init_state, jax.random.PRNGKey(config.seed))
   c = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_checkpointing=False)
   state = c.restore(c.latest_step(), abstract, None)
@@ -55,11 +55,11 @@ def test_sharded_step_equals_single_device_step(data_dir):
   for mesh_axes in ([("data", 8)], [("data", 1)]):
     config = tiny_keepfit_config(data_dir, mesh=mesh_axes)
     mesh = distributed.make_mesh(config.mesh)
-    task = loop._get_task(config, mesh)  # noqa: SLF001
+    task = loop.get_task(config, mesh)
     abstract = jax.eval_shape(task.init_state, jax.random.PRNGKey(0))
     shardings = loop.state_shardings(mesh, abstract)
     state = jax.jit(task.init_state, out_shardings=shardings)(jax.random.PRNGKey(0))
-    batch = loop._stack_streams(task.data_streams(mesh), mesh)  # noqa: SLF001
+    batch = loop.next_batch(task.data_streams(mesh), mesh)
     step = jax.jit(task.train_step, in_shardings=(shardings, distributed.batch_sharding(mesh)),
                    out_shardings=(shardings, distributed.replicated(mesh)))
     state, metrics = step(state, batch)

@@ -11,7 +11,7 @@ TINY_DATA = dict(config="tiny")  # synthetic_retina: 32 px, 48 train / 16 test /
 
 
 def tiny_keepfit_config(data_dir: str, *, steps: int = 3, mesh=(("data", -1),), kd: bool = True):
-  """The embedded KeepFIT config shrunk to a few-second compile: 32 px, base width 8, 1-layer BERT."""
+  """The embedded KeepFIT config shrunk to a few-second compile: 32 px, base width 4, 2-layer BERT."""
   config = load_config_module(os.path.join(REPO_ROOT, "configs", "keepfit.py")).get_config(f"steps={steps}")
   with config.unlocked():
     config.mesh = [tuple(a) for a in mesh]
@@ -21,7 +21,7 @@ def tiny_keepfit_config(data_dir: str, *, steps: int = 3, mesh=(("data", -1),), 
     config.batch_size = 16
     config.kd.enabled = kd
     config.text.max_length = 12
-    config.text.bert = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+    config.text.bert = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                             max_position_embeddings=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     config.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=4)
     config.model.proj_dim = 16

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import zlib
 from typing import Any, Callable, Sequence
 
 import grain
@@ -183,11 +184,24 @@ def _decode_image(record: dict, index: int, source, image_size: int | None) -> n
                      f"{type(e).__name__}: {e}") from None
 
 
-def _category_index(category_names: Sequence[str]) -> dict[str, int]:
+def _category_index(category_names: Sequence[str]) -> dict[str, int] | None:
+  """name → id; ``None`` (no list given) means ids from a stable hash of the name (see below)."""
+  if not category_names:
+    return None
   index = {}
   for i, name in enumerate(category_names):
     index.setdefault(name, i)
   return index
+
+
+def stable_category_id(name: str) -> int:
+  """A process- and run-independent id for a category name (CRC32, 31 bits).
+
+  Co-occurrence targets only compare ids for equality, so real pretraining mixes with hundreds of
+  free-text categories need no vocabulary list; a collision (~n²/2³² for n names) would merge two
+  categories' targets.
+  """
+  return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
 
 
 class _TextExample:
@@ -210,17 +224,26 @@ class _TextExample:
         raise KeyError(f"use_caption=True but record {record_index} of {_where(self.source)} has no 'caption'")
       text = _text(record["caption"])
       category = categories[0] if categories else None
-      category_id = self.category_ids.get(category, -1) if category is not None else -1
+      if category is None:
+        category_id = -1
+      elif self.category_ids is None:
+        category_id = stable_category_id(category)
+      else:
+        category_id = self.category_ids.get(category, -1)
     else:
       report, category = prompts.produce_description(categories, _str_list(record.get("atributes")), rng,
                                                      self.caption_template)
       if self.augment:
         report = prompts.augment_description(report, category, rng, _text(record.get("dataset", "")))
-      if category not in self.category_ids:
+      if self.category_ids is None:
+        text, category_id = report, stable_category_id(category)
+      elif category not in self.category_ids:
         raise ValueError(f"category {category!r} of record {record_index} (id {_text(record.get('id', '?'))!r}) "
                          f"of {_where(self.source)} is not in category_names; list every category the data "
-                         f"can carry (for synthetic_retina: jaxretina.data.synthetic.CATEGORY_NAMES)")
-      text, category_id = report, self.category_ids[category]
+                         f"can carry (for synthetic_retina: jaxretina.data.synthetic.CATEGORY_NAMES), "
+                         f"or none to identify categories by a hash of their name")
+      else:
+        text, category_id = report, self.category_ids[category]
     return {"image": image, "text": text, "category_id": category_id}
 
 

@@ -183,6 +183,9 @@ class CrossGate(nn.Module):
   Per modality ``Attention4D(num_heads, key_dim=dim)`` + residual, ``UFFN`` + residual, then
   ``CrossAtt(dim, num_heads)`` (residual inside), then a second ``UFFN`` **without** residual.
 
+  Sown into ``'intermediates'``: ``attention_x``/``attention_y`` (Attention4D outputs, before their
+  residual) and ``cma_x``/``cma_y`` (CrossAtt outputs).
+
   Attributes:
     dim: the CMA width and the Attention4D key width per head (CRD-Net: 1024).
     num_heads: heads of both attentions (CRD-Net: 4).

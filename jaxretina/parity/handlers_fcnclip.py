@@ -75,8 +75,7 @@ def fcnclip_model(case: parity.Case) -> dict:
   image_shape = (1,) + tuple(images.shape[1:])
   variables, flair_variables = fcn_clip.from_torch(case.weights, model_fusion, image_shape=image_shape,
                                                    flair_model=two_tower, source=case.name)
-  plain_variables = jax.tree_util.tree_map(lambda v: v, variables)
-  plain_variables["params"] = {k: v for k, v in variables["params"].items() if k != "fusion"}
+  plain_variables = {**variables, "params": {k: v for k, v in variables["params"].items() if k != "fusion"}}
 
   (logits, z), state = model.apply(plain_variables, images, mutable=["intermediates"])
   aux = {k: v[0] for k, v in state["intermediates"].items() if isinstance(v, tuple)}

@@ -69,14 +69,10 @@ def register_task(name: str):
   return deco
 
 
-def _get_task(config, mesh) -> Task:
-  # Importing the task modules registers them.
-  from jaxretina.train import contrastive  # noqa: F401
+def get_task(config, mesh) -> Task:
+  """Builds the task bundle named by ``config.task``."""
+  from jaxretina.train import contrastive  # noqa: F401  (importing a task module registers it)
 
-  try:
-    from jaxretina.train import classification  # noqa: F401
-  except ImportError:
-    pass
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: expected one of {sorted(TASKS)}")
   return TASKS[config.task](config, mesh)
@@ -93,11 +89,11 @@ def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
   )
 
 
-def _with_sharding(abstract, shardings):
+def with_sharding(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _stack_streams(streams: Mapping[str, Iterator], mesh) -> dict[str, jax.Array]:
+def next_batch(streams: Mapping[str, Iterator], mesh) -> dict[str, jax.Array]:
   batch = {}
   for prefix, it in streams.items():
     local = next(it)
@@ -113,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
-  task = _get_task(config, mesh)
+  task = get_task(config, mesh)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
   shardings = state_shardings(mesh, abstract)
@@ -126,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest = checkpointer.latest_step()
   if latest is not None:
     logging.info("resuming from %s step %d", checkpointer.directory, latest)
-    state = checkpointer.restore(latest, _with_sharding(abstract, shardings), data_group)
+    state = checkpointer.restore(latest, with_sharding(abstract, shardings), data_group)
   else:
     state = jax.jit(task.init_state, out_shardings=shardings)(rng)
     if hasattr(task, "load_pretrained"):
@@ -156,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_metrics = None
   try:
     for step in range(start + 1, total + 1):
-      batch = _stack_streams(streams, mesh)
+      batch = next_batch(streams, mesh)
       t0 = time.perf_counter()
       state, metrics = step_fn(state, batch)
       last_metrics = metrics
