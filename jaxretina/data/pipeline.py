@@ -286,6 +286,31 @@ def _check_seed(seed: int, where: str) -> int:
   return int(seed)
 
 
+class _ProcessBlock(grain.MapDataset):
+  """Process ``index``'s rows of every global batch: rows [index·b, (index+1)·b) of each block of B.
+
+  Global batch k is then the same examples in the same row order whatever the process count, so
+  per-row randomness on device (augmentation keys, dropout masks) and hence the trained weights do
+  not depend on how many hosts a run uses.
+  """
+
+  def __init__(self, parent: grain.MapDataset, local_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._local, self._index, self._count = local_batch, index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._local * self._count) * self._local
+
+  def __getitem__(self, position):
+    if isinstance(position, slice):
+      return self.slice(position)
+    block, row = divmod(position, self._local)
+    return self._parent[(block * self._count + self._index) * self._local + row]
+
+  def __str__(self) -> str:
+    return f"ProcessBlock(local_batch={self._local}, index={self._index}, count={self._count})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Streams
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +355,7 @@ def image_text_batches(source, *, tokenize: Tokenize, max_length: int, category_
   # prompt every epoch, and the stream's content does not depend on the process layout.
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map_with_index(lambda position, record_index: make(record_index, np.random.default_rng((seed, position))))
-  ds = ds[process_index::process_count]
+  ds = _ProcessBlock(ds, local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_text_batch_fn(tokenize, max_length, _where(source)))
   return ds.to_iter_dataset(read_options or _default_read_options())
 
@@ -373,7 +398,7 @@ def knowledge_batches(source, *, tokenize: Tokenize, max_length: int, global_bat
 
   positions = grain.MapDataset.range(n).repeat(None) if num_batches is None else grain.MapDataset.range(
       int(num_batches) * global_batch_size)
-  ds = positions.map_with_index(draw)[process_index::process_count]
+  ds = _ProcessBlock(positions.map_with_index(draw), local_batch, process_index, process_count)
   ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_text_batch_fn(tokenize, max_length, _where(source)))
   return ds.to_iter_dataset(read_options or _default_read_options())
 
