@@ -171,5 +171,7 @@ def test_two_process_training_matches_single_process(data_dir, tmp_path):
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_flatten_with_path(ref)[0]}
   assert flat.keys() == p0.keys()
+  # Cross-process all-reduces sum in another order than one process does; Adam's normalised update
+  # turns a last-bit gradient difference of a near-zero entry into up to ~lr·1e-2 of parameter.
   for k in flat:
-    np.testing.assert_allclose(p0[k], flat[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(p0[k], flat[k], rtol=1e-4, atol=5e-6, err_msg=k)
