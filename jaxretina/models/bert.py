@@ -324,7 +324,7 @@ def detect_prefix(state_dict: Mapping[str, Any]) -> str:
   return found[0]
 
 
-def _rename_legacy(key: str) -> str:
+def rename_legacy_layer_norm(key: str) -> str:
   # Old TF-converted checkpoints name LayerNorm parameters gamma/beta (HF renames them on load).
   if key.endswith("LayerNorm.gamma"):
     return key[: -len("gamma")] + "weight"
@@ -354,7 +354,7 @@ def from_torch(state_dict: Mapping[str, Any], config: BertConfig, *, prefix: str
   module = BertModel(config, add_pooling_layer=add_pooling_layer)
   target = convert.variables_shape(module, jnp.zeros((1, 1), jnp.int32))
   ignore = _IGNORED_BUFFERS + (() if add_pooling_layer else (r"^pooler\.",))
-  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=_rename_legacy, ignore=ignore,
+  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=rename_legacy_layer_norm, ignore=ignore,
                                     source=source)
 
 

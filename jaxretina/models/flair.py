@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxretina.models import convert, layers
+from jaxretina.models import bert, convert, layers
 
 Dtype = Any
 
@@ -246,8 +246,6 @@ class TextModel(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
-    from jaxretina.models import bert
-
     if self.pooling not in TEXT_POOLINGS:
       raise ValueError(f"TextModel.pooling={self.pooling!r}: expected one of {TEXT_POOLINGS}")
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -459,7 +457,7 @@ def two_tower_from_constructor(constructor: Mapping[str, Any], bert_config: Mapp
     bert_config: a ``BertConfig`` or its dict (HF ``config.json`` fields).
     overrides: ``TwoTower`` fields (e.g. ``knowledge_attention=True``, ``softmax_over_heads=True``).
   """
-  from jaxretina.models import bert, resnet
+  from jaxretina.models import resnet
 
   vision_type = constructor.get("vision_type", "resnet_v1")
   if vision_type not in ("resnet_v1", "resnet_v2"):
@@ -498,17 +496,8 @@ def from_torch(state_dict: Mapping[str, Any], model: TwoTower, *, prefix: str = 
   ignore = [r"^text_model\.model\.pooler\.", r"^text_model\.model\.embeddings\.(position_ids|token_type_ids)$"]
   if not model.projection:
     ignore.append(r"^(vision_model\.projection_head_vision|text_model\.projection_head_text)\.projection\.")
-  return convert.convert_state_dict(state_dict, target, prefix=prefix, ignore=ignore, rename=_rename_legacy,
+  return convert.convert_state_dict(state_dict, target, prefix=prefix, ignore=ignore, rename=bert.rename_legacy_layer_norm,
                                     source=source)
-
-
-def _rename_legacy(key: str) -> str:
-  # TF-converted BERT checkpoints name LayerNorm parameters gamma/beta (HF renames them on load).
-  if key.endswith("LayerNorm.gamma"):
-    return key[: -len("gamma")] + "weight"
-  if key.endswith("LayerNorm.beta"):
-    return key[: -len("beta")] + "bias"
-  return key
 
 
 def load_flair_checkpoint(path: str, model: TwoTower, **kwargs) -> dict:
