@@ -47,3 +47,47 @@ def load_config_module(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def default_data_dir() -> str:
+  """Where datasets are built and read: ``$JAXRETINA_DATA_DIR`` or ``~/.cache/jaxretina/datasets``."""
+  import os
+
+  return os.environ.get("JAXRETINA_DATA_DIR", os.path.expanduser("~/.cache/jaxretina/datasets"))
+
+
+def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.ConfigDict:
+  """The fields every classification config has (``task='classification'``), with neutral defaults.
+
+  Each config file (``configs/dual_attend_med.py`` ...) fills in its model, data and recipe; the
+  field meanings are documented in ``jaxretina.train.classification`` and ``...classifiers``.
+  """
+  c = ml_collections.ConfigDict()
+  c.task = "classification"
+  c.seed = 0
+  c.mesh = [("data", -1)]
+  c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
+  c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
+  # fields: the image modalities in model order as 'name:channels,...' (CRD-Net: 'image:3,oct:1').
+  c.data = ml_collections.ConfigDict(dict(
+      name="", data_dir=default_data_dir(), builder_kwargs=None, build_if_missing=False, train_split="train",
+      image_size=224, fields="image:3", num_classes=0, class_names=[], label_subset=None,
+      normalize="imagenet", sampling=dict(class_weights=None, samples_per_epoch=0), class_prompts=None))
+  c.model = ml_collections.ConfigDict(dict(name=model_name))
+  c.loss = ml_collections.ConfigDict()
+  c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
+  c.optimizer = ml_collections.ConfigDict(dict(name="sgd", momentum=0.9, weight_decay=0.0, grad_clip=0.0,
+                                               frozen=[]))
+  c.schedule = ml_collections.ConfigDict(dict(name="constant", lr=1e-3))
+  c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+  c.batch_size = 32
+  c.epochs = 1
+  c.total_steps = steps
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.log_every = 20
+  c.checkpoint_every = 500
+  c.eval_every = 0
+  c.evals = ml_collections.ConfigDict(dict(classification=dict(
+      type="classification", split="test", batch_size=64, heatmaps=8, cam_iou=False)))
+  return c

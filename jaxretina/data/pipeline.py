@@ -25,7 +25,7 @@ import ast
 import io
 import json
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -106,9 +106,8 @@ def open_source(name: str, split: str, data_dir: str, builder_kwargs: dict | Non
                      f"available: {sorted(splits)}")
   if splits[split].num_examples == 0:
     raise ValueError(f"open_source: split {split!r} of dataset {label!r} in data_dir {data_dir!r} is empty")
-  decoders = None
-  if "image" in builder.info.features and isinstance(builder.info.features["image"], tfds.features.Image):
-    decoders = {"image": tfds.decode.SkipDecoding()}
+  decoders = {name: tfds.decode.SkipDecoding() for name, feature in builder.info.features.items()
+              if isinstance(feature, tfds.features.Image)} or None
   source = builder.as_data_source(split=split, decoders=decoders)
   if len(source) == 0:
     raise ValueError(f"open_source: split {split!r} of dataset {label!r} in data_dir {data_dir!r} is empty")
@@ -161,27 +160,52 @@ def _record(source, index: int) -> dict:
     raise RuntimeError(f"could not read record {index} of {_where(source)}: {type(e).__name__}: {e}") from e
 
 
-def _decode_image(record: dict, index: int, source, image_size: int | None) -> np.ndarray:
-  """uint8 (H, W, 3) of a record; resized (PIL bilinear) to image_size² when given and different."""
-  if "image" not in record:
-    raise KeyError(f"record {index} of {_where(source)} has no 'image' field (fields: {sorted(record)})")
-  value = record["image"]
+def _decode_image(record: dict, index: int, source, image_size: int | None, field: str = "image",
+                  channels: int = 3) -> np.ndarray:
+  """uint8 (H, W, channels) of a record's image ``field``, resized (PIL bilinear) to image_size² when given.
+
+  ``channels`` 3 converts any stored mode to RGB (grey FFA photographs included); 1 converts to
+  grey (OCT B-scans).
+  """
+  if channels not in (1, 3):
+    raise ValueError(f"image field {field!r}: channels must be 1 or 3, got {channels}")
+  if field not in record:
+    raise KeyError(f"record {index} of {_where(source)} has no {field!r} field (fields: {sorted(record)})")
+  value = record[field]
   try:
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
-      image = Image.fromarray(value)
+      image = Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value)
     else:
       with Image.open(io.BytesIO(bytes(value))) as opened:
-        image = opened.convert("RGB")
+        image = opened.convert("RGB" if channels == 3 else "L")
         image.load()
-    if image.mode != "RGB":
-      image = image.convert("RGB")
+    if image.mode != ("RGB" if channels == 3 else "L"):
+      image = image.convert("RGB" if channels == 3 else "L")
     if image_size is not None and image.size != (image_size, image_size):
       image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(image, np.uint8)
+    array = np.asarray(image, np.uint8)
+    return array[..., None] if array.ndim == 2 else array
   except Exception as e:  # noqa: BLE001  (any decoder failure: report which record, not PIL's internals)
     record_id = _text(record["id"]) if "id" in record else "?"
-    raise ValueError(f"corrupt or unreadable image in record {index} (id {record_id!r}) of {_where(source)}: "
+    raise ValueError(f"corrupt or unreadable {field!r} in record {index} (id {record_id!r}) of {_where(source)}: "
                      f"{type(e).__name__}: {e}") from None
+
+
+def read_image(source, index: int, field: str = "image", channels: int = 3, image_size: int | None = None) -> np.ndarray:
+  """One record's decoded image field, uint8 (H, W, channels)."""
+  return _decode_image(_record(source, index), index, source, image_size, field, channels)
+
+
+def _label(record: dict, index: int, source, num_classes: int | None) -> int:
+  if "label" not in record:
+    raise KeyError(f"record {index} of {_where(source)} has no 'label' field (fields: {sorted(record)})")
+  label = int(record["label"])
+  if num_classes is not None and not 0 <= label < num_classes:
+    record_id = _text(record["id"]) if "id" in record else "?"
+    raise ValueError(f"label {label} of record {index} (id {record_id!r}) of {_where(source)} is outside "
+                     f"[0, {num_classes}): the config's data.num_classes={num_classes} does not cover the "
+                     "dataset's labels (set data.label_subset to train on some classes only)")
+  return label
 
 
 def _category_index(category_names: Sequence[str]) -> dict[str, int] | None:
@@ -403,8 +427,166 @@ def knowledge_batches(source, *, tokenize: Tokenize, max_length: int, global_bat
   return ds.to_iter_dataset(read_options or _default_read_options())
 
 
+class LabelSubset:
+  """The records of ``source`` whose label is in ``labels``, relabelled to their position there.
+
+  ``LabelSubset(src, [0, 1, 2, 3, 4])`` keeps the five DR grades of a dataset that also has other
+  classes; ``[2, 0]`` would make label 2 class 0 and label 0 class 1. The labels are scanned once
+  (records are read without decoding images).
+  """
+
+  def __init__(self, source, labels: Sequence[int]):
+    self.source = source
+    self.labels = [int(k) for k in labels]
+    if not self.labels or len(set(self.labels)) != len(self.labels):
+      raise ValueError(f"label subset {list(labels)}: expected distinct labels")
+    position = {k: i for i, k in enumerate(self.labels)}
+    self._indices = []
+    self._new_label = []
+    for index in range(len(source)):
+      record = _record(source, index)
+      label = _label(record, index, source, None)
+      if label in position:
+        self._indices.append(index)
+        self._new_label.append(position[label])
+    self.name = f"{getattr(source, 'name', type(source).__name__)}[labels {self.labels}]"
+    self.split = getattr(source, "split", None)
+    self.info = getattr(source, "info", None)
+    if not self._indices:
+      raise ValueError(f"label subset {self.labels}: no record of {_where(source)} carries one of these labels")
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> dict:
+    record = dict(_record(self.source, self._indices[int(index)]))
+    record["label"] = self._new_label[int(index)]
+    return record
+
+
+def record_labels(source, num_classes: int | None = None) -> np.ndarray:
+  """(N,) int64 label of every record, read without decoding images."""
+  if isinstance(source, LabelSubset):
+    return np.asarray(source._new_label, np.int64)
+  return np.asarray([_label(_record(source, i), i, source, num_classes) for i in range(len(source))], np.int64)
+
+
+def label_counts(source, num_classes: int) -> np.ndarray:
+  """(num_classes,) int64 record counts per label."""
+  return np.bincount(record_labels(source, num_classes), minlength=num_classes)
+
+
+ImageFields = Mapping[str, int]  # image field name → channels (3 = RGB, 1 = grey)
+
+
+def _check_fields(fields: ImageFields, where: str) -> dict[str, int]:
+  fields = dict(fields)
+  if not fields:
+    raise ValueError(f"{where}: no image fields given")
+  for name, channels in fields.items():
+    if channels not in (1, 3):
+      raise ValueError(f"{where}: image field {name!r} channels must be 1 or 3, got {channels}")
+  return fields
+
+
+class _LabelledExample:
+  """Decodes the image fields and the checked label of one record."""
+
+  def __init__(self, source, fields: dict[str, int], image_size: int | None, num_classes: int | None):
+    self.source, self.fields, self.image_size, self.num_classes = source, fields, image_size, num_classes
+
+  def __call__(self, record_index: int) -> dict[str, Any]:
+    record = _record(self.source, record_index)
+    out = {name: _decode_image(record, record_index, self.source, self.image_size, name, channels)
+           for name, channels in self.fields.items()}
+    out["label"] = _label(record, record_index, self.source, self.num_classes)
+    return out
+
+
+def _labelled_batch_fn(fields: Sequence[str], where: str):
+
+  def batch_fn(elements: Sequence[dict]) -> dict[str, np.ndarray]:
+    batch = {}
+    for name in fields:
+      shapes = {e[name].shape for e in elements}
+      if len(shapes) > 1:
+        raise ValueError(f"{name!r} images of different sizes {sorted(shapes)} in one batch from {where}; "
+                         "pass image_size")
+      batch[name] = np.stack([e[name] for e in elements])
+    batch["label"] = np.asarray([e["label"] for e in elements], np.int32)
+    if "mask" in elements[0]:
+      batch["mask"] = np.asarray([e["mask"] for e in elements], bool)
+      batch["index"] = np.asarray([e["index"] for e in elements], np.int32)
+    return batch
+
+  return batch_fn
+
+
+def classification_batches(source, *, global_batch_size: int, seed: int, fields: ImageFields = (("image", 3),),
+                           num_classes: int | None = None, process_index: int = 0, process_count: int = 1,
+                           image_size: int | None = None, class_weights: Sequence[float] | None = None,
+                           samples_per_epoch: int | None = None, num_epochs: int | None = None,
+                           read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """The supervised training stream: labelled images (one or several modalities per record).
+
+  Without ``class_weights``: every record once per epoch in a seeded order, reshuffled each epoch.
+  With ``class_weights`` (one per class): torch's ``WeightedRandomSampler(replacement=True)`` with
+  per-sample weight ``class_weights[label]`` as the upstream recipes intend it (BiRA-Net's
+  1:10:8:20:21, FCN-CLIP's inverse-frequency weights): draw j of the stream picks a record with
+  probability ∝ its class weight, from a generator of ``(seed, j)``, so the stream is deterministic
+  and independent of the process layout; ``samples_per_epoch`` draws make an epoch.
+
+  Args:
+    source: random-access records with the image fields and an integer ``label``.
+    global_batch_size: examples per step over all processes.
+    seed: the order / the weighted draws.
+    fields: image field name → channels, e.g. ``{'image': 3, 'oct': 1}`` (CRD-Net).
+    num_classes: labels must lie in [0, num_classes) (an error names the record otherwise).
+    process_index, process_count: this host's block of every global batch.
+    image_size: resize every image field to image_size² when the stored size differs.
+    class_weights, samples_per_epoch: class-weighted sampling with replacement (see above).
+    num_epochs: epochs to iterate (None = forever).
+
+  Returns:
+    IterDataset of dicts: one uint8 (b, H, W, C) array per image field, ``label`` int32 (b,);
+    b = global_batch_size // process_count; incomplete final batches are dropped.
+  """
+  where = "classification_batches"
+  _ensure_absl_flags_parsed()
+  local_batch = _check_sharding(global_batch_size, process_index, process_count, where)
+  n = _check_nonempty(source, where)
+  seed = _check_seed(seed, where)
+  fields = _check_fields(fields, where)
+  make = _LabelledExample(source, fields, image_size, num_classes)
+  if class_weights is None:
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs).map(make)
+  else:
+    if num_classes is None:
+      raise ValueError(f"{where}: class_weights need num_classes")
+    weights = np.asarray(class_weights, np.float64)
+    if weights.shape != (num_classes,) or np.any(weights < 0) or not np.isfinite(weights).all():
+      raise ValueError(f"{where}: class_weights must be {num_classes} non-negative numbers, got {list(class_weights)}")
+    per_record = weights[record_labels(source, num_classes)]
+    if per_record.sum() <= 0:
+      raise ValueError(f"{where}: class_weights {list(class_weights)} give every record of {_where(source)} weight 0")
+    cumulative = np.cumsum(per_record / per_record.sum())
+    epoch = int(samples_per_epoch or n)
+
+    def draw(position: int, _) -> dict[str, Any]:
+      u = np.random.default_rng((seed, position)).uniform()
+      return make(min(int(np.searchsorted(cumulative, u, side="right")), n - 1))
+
+    total = None if num_epochs is None else int(num_epochs) * epoch
+    positions = grain.MapDataset.range(epoch).repeat(None) if total is None else grain.MapDataset.range(total)
+    ds = positions.map_with_index(draw)
+  ds = _ProcessBlock(ds, local_batch, process_index, process_count)
+  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_labelled_batch_fn(list(fields), _where(source)))
+  return ds.to_iter_dataset(read_options or _default_read_options())
+
+
 def labelled_batches(source, *, batch_size: int, process_index: int = 0, process_count: int = 1,
-                     image_size: int | None = None) -> grain.MapDataset:
+                     image_size: int | None = None, fields: ImageFields = (("image", 3),),
+                     num_classes: int | None = None) -> grain.MapDataset:
   """Evaluation stream: every example exactly once, in order, padded to whole batches.
 
   Process p reads records p, p + P, p + 2P, ...; every process yields the same number of batches
@@ -412,43 +594,37 @@ def labelled_batches(source, *, batch_size: int, process_index: int = 0, process
   label 0.
 
   Args:
-    source: records with ``image`` and integer ``label``.
+    source: records with the image fields and integer ``label``.
     batch_size: GLOBAL batch size (as in training); each process yields batch_size // process_count.
     process_index, process_count: this host's shard.
     image_size: resize to image_size² when the stored size differs.
+    fields: image field name → channels (default: RGB ``image``).
+    num_classes: labels must lie in [0, num_classes).
 
   Returns:
-    MapDataset (``len`` = number of batches, iterable, indexable) of dicts: ``image`` uint8
-    (b, H, W, 3), ``label`` int32 (b,), ``mask`` bool (b,).
+    MapDataset (``len`` = number of batches, iterable, indexable) of dicts: one uint8 (b, H, W, C)
+    array per image field, ``label`` int32 (b,), ``mask`` bool (b,), ``index`` int32 (b,) (the
+    record index, −1 for padding).
   """
   where = "labelled_batches"
   _ensure_absl_flags_parsed()
   local_batch = _check_sharding(batch_size, process_index, process_count, where)
   n = _check_nonempty(source, where)
+  fields = _check_fields(fields, where)
   per_process = -(-n // process_count)
   num_batches = -(-per_process // local_batch)
-  # Padding entries need the image shape; the first record tells it (images must agree anyway).
-  pad_image = np.zeros_like(_decode_image(_record(source, 0), 0, source, image_size))
+  make = _LabelledExample(source, fields, image_size, num_classes)
+  # Padding entries need the image shapes; the first record tells them (images must agree anyway).
+  padding = {k: np.zeros_like(v) for k, v in make(0).items() if k != "label"}
 
   def load(local_position: int) -> dict[str, Any]:
     record_index = process_index + local_position * process_count
     if record_index >= n:
-      return {"image": pad_image, "label": 0, "mask": False}
-    record = _record(source, record_index)
-    if "label" not in record:
-      raise KeyError(f"record {record_index} of {_where(source)} has no 'label' field (fields: {sorted(record)})")
-    image = _decode_image(record, record_index, source, image_size)
-    return {"image": image, "label": int(record["label"]), "mask": True}
-
-  def batch_fn(elements: Sequence[dict]) -> dict[str, np.ndarray]:
-    if len({e["image"].shape for e in elements}) > 1:
-      raise ValueError(f"images of different sizes in one batch from {_where(source)}; pass image_size")
-    return {"image": np.stack([e["image"] for e in elements]),
-            "label": np.asarray([e["label"] for e in elements], np.int32),
-            "mask": np.asarray([e["mask"] for e in elements], bool)}
+      return dict(padding, label=0, mask=False, index=-1)
+    return dict(make(record_index), mask=True, index=record_index)
 
   ds = grain.MapDataset.range(num_batches * local_batch).map(load)
-  return ds.batch(local_batch, drop_remainder=True, batch_fn=batch_fn)
+  return ds.batch(local_batch, drop_remainder=True, batch_fn=_labelled_batch_fn(list(fields), _where(source)))
 
 
 class UniformMixture:

@@ -120,7 +120,8 @@ class RABranch(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     feats = self.features(x, train=train, stop_after="layer4")
-    gap, _ = RAAttention(self.matmul_masking, dtype=self.dtype, name="ra")(feats, train)
+    gap, attention = RAAttention(self.matmul_masking, dtype=self.dtype, name="ra")(feats, train)
+    self.sow("intermediates", "attention", attention)
     g = nn.relu(Conv2d(feats.shape[-1], 1, dtype=self.dtype, name="net_b")(feats))
     return 0.5 * (gap + jnp.mean(g, axis=(1, 2)))
 

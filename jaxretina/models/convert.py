@@ -146,12 +146,14 @@ def variables_shape(module, *args, rngs=None, **kwargs) -> dict[str, Any]:
   return jax.eval_shape(lambda: module.init(rngs, *args, **kwargs))
 
 
-def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+def load_torch_checkpoint(path: str, return_extras: bool = False):
   """Reads a PyTorch or safetensors checkpoint into ``{key: np.ndarray}`` without running pickle code.
 
   ``.safetensors`` needs no torch. ``.pt/.pth/.bin`` need torch and load with
   ``weights_only=True`` (tensors and plain containers only). A checkpoint that wraps its
-  ``state_dict`` (``{'state_dict': ...}`` or ``{'model': ...}``) is unwrapped.
+  ``state_dict`` (``{'state_dict': ...}`` or ``{'model': ...}``) is unwrapped; with
+  ``return_extras`` the wrapper's other tensors (e.g. CAL's ``feature_center``) come back too, as
+  ``(state_dict, extras)``.
   """
   import os
 
@@ -160,28 +162,37 @@ def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
 
-    return dict(load_file(path))
+    loaded = dict(load_file(path))
+    return (loaded, {}) if return_extras else loaded
   if path.endswith(".npz"):
     with np.load(path) as z:
-      return {k: z[k] for k in z.files}
+      loaded = {k: z[k] for k in z.files}
+    return (loaded, {}) if return_extras else loaded
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"reading {path} needs PyTorch (pip install torch==2.13.0); "
                       "or convert it to .safetensors first") from e
   obj = torch.load(path, map_location="cpu", weights_only=True)
+  wrapper_obj = {}
   for wrapper in ("state_dict", "model", "model_state_dict"):
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-      obj = obj[wrapper]
+      wrapper_obj, obj = obj, obj[wrapper]
       break
   if not isinstance(obj, dict):
     raise ConversionError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
-  out = {}
-  for k, v in obj.items():
-    if hasattr(v, "detach"):
-      v = v.detach().cpu()
-      out[k] = v.float().numpy() if v.is_floating_point() else v.numpy()
-  return out
+
+  def arrays(d):
+    out = {}
+    for k, v in d.items():
+      if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        out[k] = v.float().numpy() if v.is_floating_point() else v.numpy()
+    return out
+
+  if return_extras:
+    return arrays(obj), arrays({k: v for k, v in wrapper_obj.items() if v is not obj})
+  return arrays(obj)
 
 
 def _unfreeze(tree):

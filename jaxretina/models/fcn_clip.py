@@ -82,8 +82,8 @@ class FCNCLIP(nn.Module):
   """FCN-CLIP: ``(B, H, W, 3) → (logits (B, num_classes), z (B, proj_dim))``.
 
   Sown into ``'intermediates'``: ``layer2``, ``layer3`` (encoder taps), ``fused`` (the fusion
-  conv's output, with ``use_fusion``), ``decoded`` (decoder output) and ``attended`` (the CBAM
-  module's output).
+  conv's output, with ``use_fusion``), ``decoded`` (decoder output), ``attended`` (the CBAM
+  module's output) and ``spatial_attention`` (CBAM's spatial gate, (B, h, w, 1)).
 
   Attributes:
     vision: the FLAIR image backbone, a ``resnet.ResNet`` with ``num_classes=None`` (ResNet-50);
@@ -156,8 +156,10 @@ class FCNCLIP(nn.Module):
     d = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype, name="decoder_6")(d))
     self.sow("intermediates", "decoded", d)
 
-    gated = cbam.CBAM(mode="fcnclip", reduction=self.cbam_reduction, name="attention")(d)
+    gated, _, spatial = cbam.CBAM(mode="fcnclip", reduction=self.cbam_reduction, name="attention")(
+        d, return_attention=True)
     self.sow("intermediates", "attended", gated)
+    self.sow("intermediates", "spatial_attention", spatial)
     if self.double_cbam_gating:
       gated = d * gated
     logits = Linear(self.num_classes, dtype=self.dtype, name="classifier_2")(resnet.global_avg_pool(gated))

@@ -195,6 +195,7 @@ class WSDAN(nn.Module):
     variant: ``'cal'`` (BasicConv2d attention) or ``'dualattendmed'`` (ChannelAttention + conv with bias).
     backbone_layers: Bottleneck blocks per stage of the stride-16 ResNet (``BACKBONES``); None:
       no backbone, the input is already the feature map (B,h,w,C) (the head-only fixtures).
+    backbone_base_width: the backbone's stem width (64 upstream; smaller for local runs).
     pool: BAP pooling, ``'GAP'`` upstream.
     channel_reduction: ChannelAttention reduction (16).
     pick_with_replacement: upstream quirk, see the module docstring.
@@ -206,6 +207,7 @@ class WSDAN(nn.Module):
   num_attentions: int = 32
   variant: str = "dualattendmed"
   backbone_layers: Sequence[int] | None = BACKBONES["resnet152"]
+  backbone_base_width: int = 64
   pool: str = "GAP"
   channel_reduction: int = 16
   pick_with_replacement: bool = False
@@ -217,7 +219,7 @@ class WSDAN(nn.Module):
       raise ValueError(f"WSDAN.variant={self.variant!r}: expected one of {VARIANTS}")
     if self.backbone_layers is not None:
       self.features = resnet_lib.ResNet(block="bottleneck", layers=tuple(self.backbone_layers), num_classes=None,
-                                        last_stride=1, dtype=self.dtype)
+                                        base_width=self.backbone_base_width, last_stride=1, dtype=self.dtype)
     if self.variant == "dualattendmed":
       self.channel_attention = ChannelAttention(self.channel_reduction)
       self.attentions = layers.Conv2d(self.num_attentions, 1, use_bias=True)

@@ -33,6 +33,9 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # raw uint32 key data: checkpointable as a plain array
+  # Non-gradient model state besides BatchNorm statistics, updated by the step (e.g. WS-DAN's
+  # feature centers); replicated.
+  extra: Any = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats} if self.batch_stats else {"params": self.params}
@@ -71,7 +74,7 @@ def register_task(name: str):
 
 def get_task(config, mesh) -> Task:
   """Builds the task bundle named by ``config.task``."""
-  from jaxretina.train import contrastive  # noqa: F401  (importing a task module registers it)
+  from jaxretina.train import classification, contrastive  # noqa: F401  (importing a task module registers it)
 
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: expected one of {sorted(TASKS)}")
@@ -86,6 +89,7 @@ def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
       batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
       opt_state=distributed.param_shardings(mesh, abstract_state.opt_state),
       rng=rep,
+      extra=jax.tree.map(lambda _: rep, abstract_state.extra),
   )
 
 
@@ -110,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
   task = get_task(config, mesh)
+  task.workdir = workdir  # evaluators write their files (plots, heatmaps) under it
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
   shardings = state_shardings(mesh, abstract)

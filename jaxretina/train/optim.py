@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -32,10 +33,32 @@ def flair_warmup_cosine(base_lr: float, steps_per_epoch: int, warmup_epochs: flo
   return schedule
 
 
+def epoch_step_decay(base_lr: float, steps_per_epoch: int, gamma: float, every_epochs: float,
+                     continuous: bool = False) -> Callable[[Any], Any]:
+  """lr·γ^⌊epoch / every⌋ (DualAttendMed: 0.8 every 10 epochs; WS-DAN StepLR: 0.9 every 2).
+
+  ``continuous`` uses the fractional epoch without the floor: CAL's per-iteration
+  lr·0.9^((epoch + i/len)/2).
+  """
+
+  def schedule(step):
+    epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    exponent = epoch / every_epochs if continuous else jnp.floor(epoch / every_epochs)
+    return base_lr * jnp.power(gamma, exponent)
+
+  return schedule
+
+
+SCHEDULES = ("flair_warmup_cosine", "warmup_cosine", "constant", "epoch_step_decay")
+
+
 def make_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
-  """``cfg`` is ``config.schedule``: ``name`` in {flair_warmup_cosine, warmup_cosine, constant}."""
+  """``cfg`` is ``config.schedule``; ``name`` one of ``SCHEDULES``."""
   name = cfg.get("name", "flair_warmup_cosine")
   lr = float(cfg.lr)
+  if name == "epoch_step_decay":
+    return epoch_step_decay(lr, steps_per_epoch, float(cfg.gamma), float(cfg.every_epochs),
+                            bool(cfg.get("continuous", False)))
   if name == "flair_warmup_cosine":
     return flair_warmup_cosine(lr, steps_per_epoch, cfg.get("warmup_epochs", 1.0), cfg.get("max_epochs", 100.0),
                                cfg.get("eta_min", 0.0))
@@ -45,15 +68,27 @@ def make_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[
                                               cfg.get("eta_min", 0.0))
   if name == "constant":
     return optax.constant_schedule(lr)
-  raise ValueError(f"config.schedule.name={name!r}: expected flair_warmup_cosine, warmup_cosine or constant")
+  raise ValueError(f"config.schedule.name={name!r}: expected one of {SCHEDULES}")
 
 
-def make_optimizer(cfg: Any, schedule: Callable[[Any], Any]) -> optax.GradientTransformation:
+def make_optimizer(cfg: Any, schedule: Callable[[Any], Any], trainable: Any = None) -> optax.GradientTransformation:
   """``cfg`` is ``config.optimizer``: ``name`` in {adamw, sgd}, ``weight_decay``, ``grad_clip``.
 
   torch AdamW ⇔ ``optax.adamw`` (decoupled decay lr·λ·p, eps outside the sqrt). torch SGD with
   weight decay adds λ·p to the gradient before momentum: ``add_decayed_weights`` then ``sgd``.
+
+  ``trainable``: a pytree of bools shaped like the params (None = all). Frozen leaves get no
+  update at all (no weight decay either) and no optimizer state, as parameters a torch optimizer
+  was never given; the gradient clip sees only the trainable gradients.
   """
+  tx = _make_optimizer(cfg, schedule)
+  if trainable is None:
+    return tx
+  labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+  return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def _make_optimizer(cfg: Any, schedule: Callable[[Any], Any]) -> optax.GradientTransformation:
   name = cfg.get("name", "adamw")
   parts = []
   if cfg.get("grad_clip"):

@@ -1,0 +1,73 @@
+r"""BiRA-Net: bilinear attention net with the grading loss for diabetic-retinopathy grading.
+
+Embedded local run (no ARG): the 5 DR grades of the synthetic retina dataset (64 px; nothing
+downloaded), the bilinear two-branch net (the paper figure's design; reference-models.md §2.4 says
+what is inferred) on small ResNet trunks, trained with the grading loss:
+
+  python -m jaxretina.main --config configs/bira_net.py --workdir /tmp/bira
+
+Published recipe (``:paper``, §2.6 with the intended reading of its bugs): ResNet-50 trunks from
+torchvision weights, 610 px, input 255·x − pixel mean, horizontal flips, class-weighted sampling
+1:10:8:20:21 with replacement and 32,000 samples per epoch, SGD (lr 2e-4, momentum 0.9, weight
+decay 1e-8) with the stem, layer1 and layer2 frozen, batch 30, 10 epochs, on EyePACS:
+
+  python -m jaxretina.datasets build eyepacs --manual_dir ~/eyepacs --data_dir /data/tfds --canvas_size 640
+  python -m jaxretina.main --config configs/bira_net.py:paper --workdir /runs/bira \
+    --config.data.data_dir=/data/tfds --config.init.backbone=/weights/resnet50-0676ba61.pth
+
+Upstream also lowers the rate with ReduceLROnPlateau (factor 0.1, patience 6) on test accuracy and
+stops early after 10 epochs without improvement; with 10 epochs in all, neither can trigger before
+epoch 7, and jaxretina keeps the constant rate (documented deviation).
+``variant=ra_net`` trains the RA-Net as coded upstream (one trunk, dense head, log-softmax).
+
+Config arguments: ``paper``, ``variant=bira_net|ra_net``, ``steps=N``.
+"""
+
+from jaxretina.configlib import classification_config, parse_arg
+from jaxretina.data import synthetic
+
+DR_GRADES = list(synthetic.CLASS_NAMES[:5])
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, paper=False, variant="bira_net", steps=0)
+  c = classification_config("bira_net", steps=arg.steps)
+  c.model.variant = arg.variant
+  c.model.matmul_masking = False  # upstream quirk (models/bira.py): True reproduces the matmul masking
+  c.model.dropout_rate = 0.5
+  c.loss.name = "grading"
+  c.loss.detach_loss = False  # upstream quirk: True reproduces the detached (gradient-free) loss
+  c.data.normalize = "bira_pixel_mean"
+  c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
+  frozen_prefix = "^features/" if arg.variant == "ra_net" else "^branch_[12]/features/"
+
+  if arg.paper:
+    c.data.name = "eyepacs"
+    c.data.num_classes = 5
+    c.data.class_names = ["no DR", "mild", "moderate", "severe", "proliferative DR"]
+    c.data.image_size = 610
+    c.data.sampling = dict(class_weights=[1.0, 10.0, 8.0, 20.0, 21.0], samples_per_epoch=32000)
+    c.model.backbone = dict(block="bottleneck", layers=[3, 4, 6, 3], base_width=64)
+    c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=1e-8, grad_clip=0.0,
+                       frozen=[frozen_prefix + "(conv1|bn1|layer1_|layer2_)"])
+    c.schedule = dict(name="constant", lr=2e-4)
+    c.batch_size = 30
+    c.epochs = 10
+    c.seed = 1
+    c.evals.classification.split = "test"
+    c.checkpoint_every = 1000
+  else:
+    c.data.name = "synthetic_retina"
+    c.data.builder_kwargs = dict(config="small")
+    c.data.build_if_missing = True
+    c.data.label_subset = list(range(5))  # the five DR grades
+    c.data.num_classes = 5
+    c.data.class_names = DR_GRADES
+    c.data.image_size = 64
+    c.model.backbone = dict(block="basic", layers=[1, 1, 1, 1], base_width=16)
+    c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=1.0, frozen=[])
+    c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
+    c.batch_size = 32
+    c.epochs = 12
+    c.checkpoint_every = 200
+  return c

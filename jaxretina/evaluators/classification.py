@@ -1,0 +1,177 @@
+"""Supervised evaluation of the classification task: metrics, plots, heatmaps and attention-map IoU.
+
+``config.evals.<name> = {type: 'classification', split, batch_size, heatmaps, cam_iou, ...}``.
+Over every example of the split (sharded over the mesh, gathered across hosts) it computes
+``metrics.classification_metrics`` of the model's evaluation logits (DualAttendMed: the raw +
+attention-crop average) and writes, under ``<workdir>/eval/<name>/step_<N>/``: ``metrics.json``
+(everything, incl. per-class values, the confusion matrix and which metrics are undefined),
+``confusion_matrix.png``, ``roc.png`` and ``heatmaps/<i>.png`` (attention over the image, for
+models that have attention maps).
+
+``cam_iou`` (models with ``cam_features``): IoU between the model's eval attention map and a
+class-activation map (reference-models.md §4.8). Upstream's pseudo ground truth uses a fresh,
+*untrained* linear head; here the head is a logistic regression fitted on the trained model's own
+layer-4 GAP features of ``cam_fit_split`` (default: the training split, at most
+``cam_fit_examples`` examples), and the CAM is that of the true label (see
+``jaxretina.evaluators.cam``). ``cam_head='untrained'`` reproduces upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxretina.evaluators import register
+from jaxretina.train import distributed
+
+SUMMARY_KEYS = ("accuracy", "aca", "kappa_quadratic", "kappa", "f1_macro", "auc_macro", "sensitivity_mean",
+                "specificity_mean", "n")
+
+
+def _gather(x) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _run(task, variables, mesh, source, batch_size: int, fn, limit: int | None = None) -> dict[str, np.ndarray]:
+  """Applies jitted ``fn(variables, batch)`` over ``source``; returns the gathered outputs of real rows."""
+  from jaxretina.data import pipeline
+
+  collected: dict[str, list[np.ndarray]] = {}
+  seen = 0
+  for batch in pipeline.labelled_batches(source, batch_size=batch_size, process_index=jax.process_index(),
+                                         process_count=jax.process_count(), image_size=task.config.data.image_size,
+                                         fields=task.fields, num_classes=task.num_classes):
+    inputs = distributed.global_batch({k: batch[k] for k in (*task.fields, "label")}, mesh)
+    out = fn(variables, inputs)
+    mask = _gather(batch["mask"])
+    rows = {"label": _gather(batch["label"])[mask], "index": _gather(batch["index"])[mask]}
+    rows.update({k: _gather(v)[mask] for k, v in out.items()})
+    for k, v in rows.items():
+      collected.setdefault(k, []).append(v)
+    seen += int(mask.sum())
+    if limit is not None and seen >= limit:
+      break
+  return {k: np.concatenate(v) for k, v in collected.items()}
+
+
+@register("classification")
+def classification(task, variables, mesh, cfg) -> dict[str, Any]:
+  from jaxretina.evaluators import metrics as metrics_lib
+
+  source = task.open_split(cfg.split, cfg.get("name"), cfg.get("data_dir"), cfg.get("builder_kwargs"))
+  shards = distributed.num_data_shards(mesh)
+  batch_size = int(cfg.get("batch_size", task.global_batch_size))
+  batch_size = max(batch_size - batch_size % shards, shards)
+  want_cam = bool(cfg.get("cam_iou", False)) and hasattr(task.classifier, "cam_features")
+  cam_weights = _cam_head(task, variables, mesh, cfg, batch_size) if want_cam else None
+
+  def evaluate_batch(v, batch):
+    out = task.predict(v, batch)
+    result = {"probs": jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)}
+    if "attention" in out:
+      result["attention"] = out["attention"]
+    for key, value in out.items():  # CRD-Net's single-modality heads: logits_<field>
+      if key.startswith("logits_") and key != "logits_raw":
+        result["probs_" + key[len("logits_"):]] = jax.nn.softmax(value.astype(jnp.float32), axis=-1)
+    if want_cam:
+      # The pseudo ground truth: the CAM of the true label under the fitted (or untrained) head.
+      features = task.classifier.cam_features(v, task.prepare_inputs(batch, None))
+      result["cam"] = jax.nn.relu(jnp.einsum("bhwc,cb->bhw", features.astype(jnp.float32),
+                                             cam_weights[:, batch["label"]]))
+    return result
+
+  out = _run(task, variables, mesh, source, batch_size, jax.jit(evaluate_batch))
+  labels, probs = out["label"], out["probs"]
+  results = metrics_lib.classification_metrics(labels, probs, task.num_classes, class_names=task.class_names)
+  heads = {key[len("probs_"):]: metrics_lib.classification_metrics(labels, value, task.num_classes)
+           for key, value in out.items() if key.startswith("probs_")}
+  if heads:
+    results["heads"] = heads
+  if want_cam:
+    from jaxretina.evaluators import cam
+
+    ious = np.asarray(cam.attention_iou(out["attention"], out["cam"], fraction=float(cfg.get("cam_fraction", 0.2))))
+    results.update(cam_iou_mean=float(np.mean(ious)), cam_iou_std=float(np.std(ious)),
+                   cam_iou_per_image=ious.tolist(), cam_head=cfg.get("cam_head", "fitted"))
+
+  step = getattr(task, "eval_step", 0)
+  name = cfg.get("name_in_workdir") or "classification"
+  workdir = getattr(task, "workdir", None)
+  if workdir and jax.process_index() == 0:
+    out_dir = os.path.join(workdir, "eval", name, f"step_{step}")
+    _write_outputs(out_dir, task, source, results, labels, probs, out["index"], out.get("attention"),
+                   int(cfg.get("heatmaps", 8)))
+    results["output_dir"] = out_dir
+  summary = {k: float(results[k]) for k in SUMMARY_KEYS if k in results}
+  summary.update({k: float(results[k]) for k in ("cam_iou_mean", "cam_iou_std") if k in results})
+  for head, head_results in results.get("heads", {}).items():
+    summary[f"{head}_head/accuracy"] = float(head_results["accuracy"])
+  summary["chance"] = 1.0 / task.num_classes
+  return summary
+
+
+def _cam_head(task, variables, mesh, cfg, batch_size) -> jax.Array:
+  """(C, K) weights of the CAM head: fitted on GAP features of ``cam_fit_split``, or upstream's untrained one."""
+  from jaxretina.evaluators import cam
+
+  if cfg.get("cam_head", "fitted") == "untrained":
+    probe = jax.eval_shape(task.classifier.cam_features, variables, task._dummy_inputs())
+    weights, _ = cam.untrained_head(jax.random.PRNGKey(int(cfg.get("cam_seed", 0))), probe.shape[-1],
+                                    task.num_classes)
+    return jnp.asarray(weights, jnp.float32)
+  fit_source = task.open_split(cfg.get("cam_fit_split") or task.config.data.train_split)
+  gap = jax.jit(lambda v, b: {"gap": jnp.mean(task.classifier.cam_features(v, task.prepare_inputs(b, None)),
+                                              axis=(1, 2))})
+  fit = _run(task, variables, mesh, fit_source, batch_size, gap, limit=int(cfg.get("cam_fit_examples", 1024)))
+  weights, _ = cam.fit_linear_head(fit["gap"], fit["label"], task.num_classes)
+  return jnp.asarray(weights, jnp.float32)
+
+
+def _write_outputs(out_dir, task, source, results, labels, probs, indices, attention, num_heatmaps) -> None:
+  from jaxretina.data import pipeline
+  from jaxretina.evaluators import plots
+
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = os.path.join(out_dir, "metrics.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(results), f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+  cm = np.asarray(results["confusion_matrix"])
+  plots.save_confusion_matrix_png(cm, task.class_names, os.path.join(out_dir, "confusion_matrix.png"))
+  plots.save_roc_png(labels, probs, task.class_names, os.path.join(out_dir, "roc.png"))
+  if attention is None or num_heatmaps <= 0:
+    return
+  field, channels = next(iter(task.fields.items()))
+  preds = np.argmax(probs, axis=-1)
+  for i in range(min(num_heatmaps, len(labels))):
+    image = pipeline.read_image(source, int(indices[i]), field, channels, task.config.data.image_size)
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    overlay = plots.heatmap_overlay(image, np.asarray(attention[i], np.float32))
+    true, pred = task.class_names[int(labels[i])], task.class_names[int(preds[i])]
+    plots.save_png(overlay, os.path.join(out_dir, "heatmaps",
+                                         f"{int(indices[i]):05d}_true-{_slug(true)}_pred-{_slug(pred)}.png"))
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in name)[:40]
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _jsonable(value.tolist())
+  if isinstance(value, (np.floating, float)):
+    return None if not np.isfinite(value) else float(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  return value

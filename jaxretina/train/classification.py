@@ -1,0 +1,337 @@
+"""Supervised classification: DualAttendMed / CAL, CRD-Net, BiRA-Net and FCN-CLIP through one trainer.
+
+The task bundle the loop (``jaxretina.train.loop``) runs for ``config.task='classification'``. It
+owns the data (one or several image modalities per example, label subsets, class-weighted
+sampling), on-device augmentation and normalisation, the optimizer (with frozen parameter groups)
+and evaluation; the model's forward/loss/prediction is the *classifier* named by
+``config.model.name`` (``jaxretina.train.classifiers``).
+
+One step: images (uint8) → [0, 1] → augmentation per modality (independent draws, as upstream's
+per-modality transforms) → normalisation → ``classifier.loss`` → optimizer update. BatchNorm
+statistics are computed over the global batch (SyncBN-like; CAL trains with SyncBN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from jaxretina.data import augment as augment_lib
+from jaxretina.train import classifiers, distributed, optim
+from jaxretina.train.loop import TrainState, register_task
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BIRA_PIXEL_MEAN = (109.97, 127.34, 123.88)  # BiRA-Net: input = 255·x − mean (no division)
+NORMALIZATIONS = ("imagenet", "unit", "bira_pixel_mean")
+
+
+def normalize(images: jax.Array, mode: str) -> jax.Array:
+  """(B, H, W, C) in [0, 1] → model input. Grey (C = 1) images use the mean of the RGB constants."""
+  channels = images.shape[-1]
+
+  def const(values):
+    v = jnp.asarray(values, jnp.float32)
+    return v if channels == 3 else jnp.mean(v, keepdims=True)
+
+  if mode == "imagenet":
+    return (images - const(IMAGENET_MEAN)) / const(IMAGENET_STD)
+  if mode == "unit":
+    return images
+  if mode == "bira_pixel_mean":
+    return images * 255.0 - const(BIRA_PIXEL_MEAN)
+  raise ValueError(f"config.data.normalize={mode!r}: expected one of {NORMALIZATIONS}")
+
+
+def adjust_saturation(images: jax.Array, factor: jax.Array) -> jax.Array:
+  """torchvision ``adjust_saturation``: blend with the grey image, clip to [0, 1]. images (B,H,W,3), factor (B,)."""
+  grey = images @ jnp.asarray((0.299, 0.587, 0.114), images.dtype)
+  f = factor[:, None, None, None]
+  return jnp.clip(f * images + (1.0 - f) * grey[..., None], 0.0, 1.0)
+
+
+def augment(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any]) -> jax.Array:
+  """The classification recipes' train-time transforms on device, per sample, for (B, H, W, C) in [0, 1].
+
+  ``cfg`` (``config.augment``): ``hflip`` (probability), ``rotation`` (degrees, U(−d, d), zeros
+  outside: CRD-Net's RandomRotation(180)), ``resized_crop_scale`` ([low, high] of
+  RandomResizedCrop back to the input size, or None), ``brightness``/``saturation`` (ColorJitter
+  amounts: factors U(1 − a, 1 + a)).
+  """
+  batch = images.shape[0]
+  k_flip, k_rot, k_crop, k_bright, k_sat = jax.random.split(key, 5)
+  scale = cfg.get("resized_crop_scale")
+  if scale:
+    images = augment_lib.random_resized_crop(k_crop, images, images.shape[1:3], tuple(float(s) for s in scale))
+  p_flip = float(cfg.get("hflip", 0.0))
+  if p_flip > 0:
+    flip = jax.random.bernoulli(k_flip, p_flip, (batch,))
+    images = jnp.where(flip[:, None, None, None], augment_lib.horizontal_flip(images), images)
+  degrees = float(cfg.get("rotation", 0.0))
+  if degrees > 0:
+    images = augment_lib.random_rotation(k_rot, images, degrees)
+  brightness = float(cfg.get("brightness", 0.0))
+  if brightness > 0:
+    factor = jax.random.uniform(k_bright, (batch,), jnp.float32, max(0.0, 1.0 - brightness), 1.0 + brightness)
+    images = jnp.clip(images * factor[:, None, None, None], 0.0, 1.0)
+  saturation = float(cfg.get("saturation", 0.0))
+  if saturation > 0 and images.shape[-1] == 3:
+    factor = jax.random.uniform(k_sat, (batch,), jnp.float32, max(0.0, 1.0 - saturation), 1.0 + saturation)
+    images = adjust_saturation(images, factor)
+  return images
+
+
+def parse_fields(spec: str) -> dict[str, int]:
+  """``'image:3,oct:1'`` → {'image': 3, 'oct': 1} (image field → channels, in model order)."""
+  fields = {}
+  for part in str(spec).split(","):
+    name, sep, channels = part.strip().partition(":")
+    if not name or not sep or channels not in ("1", "3") or name in fields:
+      raise ValueError(f"config.data.fields={spec!r}: expected 'name:channels[,name:channels]' with channels 1 "
+                       "or 3 and distinct names, e.g. 'image:3' or 'image:3,oct:1'")
+    fields[name] = int(channels)
+  return fields
+
+
+def frozen_mask(params: Any, patterns: list[str]) -> Any:
+  """True for the parameters that train: those whose '/'-joined path matches none of ``patterns``."""
+  compiled = [re.compile(p) for p in patterns]
+  flat = traverse_util.flatten_dict(dict(params), sep="/")
+  matched = {p: False for p in patterns}
+  mask = {}
+  for path in flat:
+    hit = [c.pattern for c in compiled if c.search(path)]
+    for p in hit:
+      matched[p] = True
+    mask[path] = not hit
+  unused = [p for p, used in matched.items() if not used]
+  if unused:
+    raise ValueError(f"config.optimizer.frozen: the patterns {unused} match no parameter (paths look like "
+                     f"{sorted(flat)[:3]})")
+  return traverse_util.unflatten_dict(mask, sep="/")
+
+
+class ClassificationTask:
+  """The classification task bundle (see ``jaxretina.train.loop.Task``)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh):
+    from jaxretina.data import pipeline
+
+    self.config = config
+    self.mesh = mesh
+    d = config.data
+    self.fields = parse_fields(d.fields)
+    self.num_classes = int(d.num_classes)
+    self.class_names = list(d.get("class_names") or [str(k) for k in range(self.num_classes)])
+    if len(self.class_names) != self.num_classes:
+      raise ValueError(f"config.data.class_names has {len(self.class_names)} names for num_classes="
+                       f"{self.num_classes}")
+    self.global_batch_size = int(config.batch_size)
+    self.local_batch_size = distributed.local_batch_size(self.global_batch_size, mesh)
+    self.train_source = self.open_split(d.train_split)
+    self.classifier = classifiers.build(config, self.num_classes, self.fields)
+    train_labels = pipeline.record_labels(self.train_source, self.num_classes)
+    if hasattr(self.classifier, "set_training_labels"):
+      self.classifier.set_training_labels(train_labels, self.num_classes)
+    if hasattr(self.classifier, "prepare"):
+      self.classifier.prepare(int(d.image_size))
+    self.class_weights, samples = self._sampling(train_labels)
+    self.steps_per_epoch = max(samples // self.global_batch_size, 1)
+    self.total_steps = int(config.get("total_steps") or math.ceil(config.epochs * self.steps_per_epoch))
+    self.schedule = optim.make_schedule(config.schedule, self.steps_per_epoch, self.total_steps)
+    frozen = list(config.optimizer.get("frozen") or [])
+    trainable = None
+    if frozen:
+      abstract = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))[0]
+      trainable = frozen_mask(abstract["params"], frozen)
+    self.tx = optim.make_optimizer(config.optimizer, self.schedule, trainable)
+    counts = np.bincount(train_labels, minlength=self.num_classes)
+    logging.info("classification task %s: %d train examples (per class %s), %d steps/epoch, %d steps",
+                 config.model.name, len(self.train_source), counts.tolist(), self.steps_per_epoch, self.total_steps)
+
+  # ------------------------------------------------------------------ data
+  def open_split(self, split: str, name: str | None = None, data_dir: str | None = None, builder_kwargs=None):
+    """A split of ``config.data``'s dataset (or another), label subset applied, built if allowed."""
+    from jaxretina.data import pipeline
+
+    d = self.config.data
+    name = name or d.name
+    data_dir = data_dir or d.data_dir
+    kwargs = dict(builder_kwargs or d.get("builder_kwargs") or {})
+    if d.get("build_if_missing", False):
+      from jaxretina import datasets
+
+      datasets.ensure_built(name, data_dir, **kwargs)
+    source = pipeline.open_source(name, split, data_dir, kwargs)
+    subset = d.get("label_subset")
+    if subset:
+      source = pipeline.LabelSubset(source, list(subset))
+    return source
+
+  def _sampling(self, train_labels: np.ndarray) -> tuple[list[float] | None, int]:
+    """``config.data.sampling``: ``class_weights`` None (epochs of a shuffled order), a list (one
+    weight per class, torch's WeightedRandomSampler with replacement), 'inverse_frequency' or
+    'fcn_clip_notebook'; ``samples_per_epoch`` (0 = the split size)."""
+    s = self.config.data.get("sampling") or {}
+    weights = s.get("class_weights")
+    n = len(train_labels)
+    if weights in (None, "", "none"):
+      return None, n
+    if weights == "inverse_frequency":
+      counts = np.bincount(train_labels, minlength=self.num_classes).astype(np.float64)
+      weights = [1.0 / c if c else 0.0 for c in counts]
+    elif weights == "fcn_clip_notebook":  # the notebook's sampler: per-sample weight (n_y + 1e-6)^-0.3, boosted
+      from jaxretina.models import fcn_clip
+
+      weights = fcn_clip.compute_class_weights(train_labels, self.num_classes)[0].tolist()
+    weights = [float(w) for w in weights]
+    if len(weights) != self.num_classes:
+      raise ValueError(f"config.data.sampling.class_weights: expected {self.num_classes} weights, got {weights}")
+    return weights, int(s.get("samples_per_epoch") or n)
+
+  def data_streams(self, mesh) -> dict[str, Any]:
+    from jaxretina.data import pipeline
+
+    return {"main": iter(pipeline.classification_batches(
+        self.train_source, global_batch_size=self.global_batch_size, seed=self.config.seed, fields=self.fields,
+        num_classes=self.num_classes, process_index=jax.process_index(), process_count=jax.process_count(),
+        image_size=self.config.data.image_size, class_weights=self.class_weights,
+        samples_per_epoch=self.steps_per_epoch * self.global_batch_size if self.class_weights else None))}
+
+  def prepare_inputs(self, batch: Mapping[str, jax.Array], key: jax.Array | None) -> dict[str, jax.Array]:
+    """uint8 batch → normalised float inputs per modality (augmented when ``key`` is given)."""
+    mode = self.config.data.get("normalize", "imagenet")
+    inputs = {}
+    keys = jax.random.split(key, len(self.fields)) if key is not None else [None] * len(self.fields)
+    for (name, channels), k in zip(self.fields.items(), keys):
+      if name not in batch:
+        raise KeyError(f"batch has no image field {name!r} (config.data.fields); it has {sorted(batch)}")
+      images = batch[name]
+      if images.ndim != 4 or images.shape[-1] != channels:
+        raise ValueError(f"image field {name!r}: expected (B, H, W, {channels}) (config.data.fields), got "
+                         f"{images.shape}")
+      images = images.astype(jnp.float32) / 255.0
+      if k is not None:
+        images = augment(k, images, self.config.get("augment") or {})
+      inputs[name] = normalize(images, mode)
+    return inputs
+
+  def _dummy_inputs(self) -> dict[str, jax.Array]:
+    s = int(self.config.data.image_size)
+    return {name: jnp.zeros((2, s, s, ch), jnp.float32) for name, ch in self.fields.items()}
+
+  # ------------------------------------------------------------------ state
+  def _init_variables(self, rng):
+    return self.classifier.init(rng, self._dummy_inputs())
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    variables, extra = self._init_variables(init_rng)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=self.tx.init(params), rng=state_rng, extra=extra)
+
+  def load_pretrained(self, state: TrainState) -> TrainState:
+    """Fresh start only: ``config.init.checkpoint`` (an upstream PyTorch checkpoint of this model,
+    converted strictly; a CAL/DualAttendMed ``feature_center`` comes along) and the classifier's own
+    pretrained pieces (FCN-CLIP's FLAIR encoder)."""
+    init = self.config.get("init") or {}
+    variables = jax.device_get(state.variables())
+    extra = state.extra
+    changed = False
+    if init.get("checkpoint"):
+      variables, extras = self._convert_checkpoint(init.checkpoint)
+      if "feature_center" in extras and "feature_centers" in extra:
+        centers = extras["feature_center"]
+        if centers.shape != tuple(extra["feature_centers"].shape):
+          raise ValueError(f"{init.checkpoint}: feature_center has shape {centers.shape}, this model's centers are "
+                           f"{tuple(extra['feature_centers'].shape)} (num_classes × M·C)")
+        extra = dict(extra, feature_centers=jax.device_put(centers, extra["feature_centers"].sharding))
+      changed = True
+    if init.get("backbone"):
+      variables = self._load_backbones(variables, init.backbone)
+      changed = True
+    if hasattr(self.classifier, "load_pretrained"):
+      loaded = self.classifier.load_pretrained(variables)
+      changed = changed or loaded is not variables
+      variables = loaded
+    if not changed:
+      return state
+    shard = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
+    params = jax.tree.map(shard, variables["params"], state.params)
+    batch_stats = jax.tree.map(shard, variables.get("batch_stats", {}), state.batch_stats)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params), extra=extra)
+
+  def _load_backbones(self, variables: dict, path: str) -> dict:
+    """torchvision ResNet weights (``config.init.backbone``) into every RGB backbone of the model.
+
+    Like upstream's ImageNet initialisation: the classifier head (``fc.*``) is dropped; every
+    backbone variable must be filled (a different depth is an error, not a silent skip).
+    """
+    from jaxretina.models import convert, resnet
+
+    state_dict = convert.load_torch_checkpoint(path)
+    s = int(self.config.data.image_size)
+    for where, module in self.classifier.backbones().items():
+      loaded = resnet.from_torch(state_dict, module, input_shape=(1, s, s, 3), ignore=[r"^fc\."], source=path)
+      for collection, tree in loaded.items():
+        node = variables[collection]
+        for key in where[:-1]:
+          node = node[key]
+        node[where[-1]] = tree
+    return variables
+
+  def _convert_checkpoint(self, path: str) -> tuple[dict, dict]:
+    from jaxretina.models import convert
+
+    state_dict, extras = convert.load_torch_checkpoint(path, return_extras=True)
+    if any(k.startswith("module.") for k in state_dict):  # saved from a (Distributed)DataParallel wrapper
+      state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    target = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))[0]
+    rename = getattr(self.classifier, "torch_rename", None)
+    return convert.convert_state_dict(state_dict, target, rename=rename, source=path), extras
+
+  # ------------------------------------------------------------------ step
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng, aug_rng, model_rng = jax.random.split(state.rng, 3)
+    inputs = self.prepare_inputs(batch, aug_rng)
+    labels = batch["label"]
+    epoch = state.step // self.steps_per_epoch
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
+      return self.classifier.loss(variables, state.extra, inputs, labels, model_rng, epoch)
+
+    (loss, (metrics, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step),
+                   all_finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                         rng=rng, extra=extra), metrics
+
+  def predict(self, variables, batch) -> dict[str, jax.Array]:
+    """Evaluation outputs of a uint8 batch: ``logits`` (B, K) [+ ``attention`` (B, h, w)]."""
+    return self.classifier.predict(variables, self.prepare_inputs(batch, None))
+
+  # ------------------------------------------------------------------ eval
+  def evaluate(self, state: TrainState, mesh) -> dict[str, float]:
+    from jaxretina.evaluators import run_evaluators
+
+    self.eval_step = int(jax.device_get(state.step))
+    return run_evaluators(self, state.variables(), mesh)
+
+
+@register_task("classification")
+def make_classification_task(config, mesh) -> ClassificationTask:
+  return ClassificationTask(config, mesh)

@@ -1,0 +1,9 @@
+"""Transfer evaluation of FLAIR / KeepFIT two-tower models (reference-models.md §3.4).
+
+Building blocks that work on already-extracted image features:
+
+* ``splits``: FLAIR's seeded per-class train/val/test selection and the experiments' label sets.
+* ``linear_probe``: a jitted logistic-regression solver matching scikit-learn's
+  ``LogisticRegression(C=0.316, class_weight='balanced')`` used by FLAIR's ``lp``.
+* ``adapters``: zero-shot scoring, CLIP-Adapter, Tip-Adapter and Tip-Adapter-f trained with Optax.
+"""
