@@ -11,7 +11,14 @@ import time
 
 import tensorflow_datasets as tfds
 
+from jaxretina.datasets import synthetic_fundus_oct  # noqa: F401  (registers 'synthetic_fundus_oct')
 from jaxretina.datasets import synthetic_retina  # noqa: F401  (registers 'synthetic_retina')
+from jaxretina.datasets import aptos2019  # noqa: F401  (registers 'aptos2019')
+from jaxretina.datasets import ddr  # noqa: F401  (registers 'ddr')
+from jaxretina.datasets import eyepacs  # noqa: F401  (registers 'eyepacs')
+from jaxretina.datasets import idrid  # noqa: F401  (registers 'idrid')
+from jaxretina.datasets import messidor2  # noqa: F401  (registers 'messidor2')
+from jaxretina.datasets import odir5k  # noqa: F401  (registers 'odir5k')
 
 _log = logging.getLogger(__name__)
 

@@ -1,0 +1,66 @@
+r"""CRD-Net: cross-modal attention between a colour-fundus and an OCT tower (AMD classification).
+
+Embedded local run (no ARG): paired synthetic fundus photographs + OCT B-scans through the fovea
+(``synthetic_fundus_oct``, 64 px, MMC-AMD's four classes; nothing downloaded), two ResNet-18
+towers (narrowed for the CPU), CrossGate (CMA + Attention4D + UFFN), the fusion head and the two
+single-modality heads, trained with the three-head loss:
+
+  python -m jaxretina.main --config configs/crd_net.py --workdir /tmp/crd_net
+
+The evaluation reports the fused prediction and, beside it, each single-modality head
+(``metrics.json``).
+
+Released recipe (``:paper``, reference-models.md §1.4–1.5): ResNet-18 towers (torchvision weights
+for the RGB tower), 448 px (inferred from MMC-AMD's 448² images), RandomRotation(180) per modality,
+ImageNet normalisation, SGD (lr 1e-3, momentum 0.9, no weight decay), batch 8, 150 epochs, loss
+CE(fused) + CE(fundus) + CE(OCT), on MMC-AMD paired per eye:
+
+  python -m jaxretina.datasets build mmc_amd --manual_dir ~/mmc-amd --data_dir /data/tfds
+  python -m jaxretina.main --config configs/crd_net.py:paper --workdir /runs/crd \
+    --config.data.data_dir=/data/tfds --config.init.backbone=/weights/resnet18-f37072fd.pth
+
+Upstream selects the checkpoint with the best test Cohen κ; here every evaluation's κ is logged
+and kept in ``metrics.jsonl``. ``skip_stem_maxpool`` reproduces upstream's towers without max-pool.
+
+Config arguments: ``paper``, ``steps=N``.
+"""
+
+from jaxretina.configlib import classification_config, parse_arg
+from jaxretina.data import synthetic_oct
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, paper=False, steps=0)
+  c = classification_config("crd_net", steps=arg.steps)
+  c.data.fields = "image:3,oct:1"  # model order: x = fundus, y = OCT
+  c.data.num_classes = len(synthetic_oct.CLASS_NAMES)
+  c.data.class_names = list(synthetic_oct.CLASS_NAMES)
+  c.model.backbone_block = "basic"
+  c.model.num_heads = 4
+  c.model.skip_stem_maxpool = False  # upstream quirk (models/crdnet.py); True reproduces it
+  c.loss.head_weights = [1.0, 1.0, 1.0]
+  c.augment = dict(hflip=0.0, rotation=180.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
+
+  if arg.paper:
+    c.data.name = "mmc_amd"
+    c.data.image_size = 448
+    c.model.backbone_layers = [2, 2, 2, 2]
+    c.model.backbone_base_width = 64
+    c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=0.0, grad_clip=0.0, frozen=[])
+    c.schedule = dict(name="constant", lr=1e-3)
+    c.batch_size = 8
+    c.epochs = 150
+    c.eval_every = 500
+  else:
+    c.data.name = "synthetic_fundus_oct"
+    c.data.builder_kwargs = dict(config="small")  # 64 px; 1600 train / 400 test
+    c.data.build_if_missing = True
+    c.data.image_size = 64
+    c.model.backbone_layers = [1, 1, 1, 1]
+    c.model.backbone_base_width = 16
+    c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=1.0, frozen=[])
+    c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
+    c.batch_size = 32
+    c.epochs = 12
+    c.checkpoint_every = 200
+  return c
