@@ -16,6 +16,7 @@ ImageNet normalisation, SGD (lr 1e-3, momentum 0.9, no weight decay), batch 8, 1
 CE(fused) + CE(fundus) + CE(OCT), on MMC-AMD paired per eye:
 
   python -m jaxretina.datasets build mmc_amd --manual_dir ~/mmc-amd --data_dir /data/tfds
+  (``--config splitAP`` for the patient-disjoint split, then ``--config.data.builder_kwargs="{'config': 'splitAP'}"``)
   python -m jaxretina.main --config configs/crd_net.py:paper --workdir /runs/crd \
     --config.data.data_dir=/data/tfds --config.init.backbone=/weights/resnet18-f37072fd.pth
 
@@ -37,6 +38,7 @@ def get_config(arg=None):
   c.data.class_names = list(synthetic_oct.CLASS_NAMES)
   c.model.backbone_block = "basic"
   c.model.num_heads = 4
+  c.model.cross_dim = 0  # 0 = upstream's 2× the tower channels (1024 for ResNet-18)
   c.model.skip_stem_maxpool = False  # upstream quirk (models/crdnet.py); True reproduces it
   c.loss.head_weights = [1.0, 1.0, 1.0]
   c.augment = dict(hflip=0.0, rotation=180.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
@@ -58,9 +60,12 @@ def get_config(arg=None):
     c.data.image_size = 64
     c.model.backbone_layers = [1, 1, 1, 1]
     c.model.backbone_base_width = 16
+    # Attention4D's value width is 4·heads·cross_dim, run through a depthwise 3×3 conv that is slow on
+    # CPU; 32 keeps the local run in minutes (upstream: 2× the tower channels).
+    c.model.cross_dim = 32
     c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=1.0, frozen=[])
     c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
     c.batch_size = 32
-    c.epochs = 12
+    c.epochs = 8
     c.checkpoint_every = 200
   return c

@@ -74,6 +74,6 @@ def get_config(arg=None):
     c.model.decoder_channels = [64, 32]
     c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
     c.batch_size = 32
-    c.epochs = 12
+    c.epochs = 40  # the frozen tower makes a step cheap
     c.checkpoint_every = 200
   return c

@@ -44,7 +44,7 @@ def tiny_config(name: str, data_dir: str, *, steps: int = 2, arg: str = ""):
     if name == "dual_attend_med":
       m.backbone_base_width, m.num_attentions = 8, 4
     elif name == "crd_net":
-      m.backbone_base_width = 8
+      m.backbone_base_width, m.cross_dim = 8, 16
     elif name == "bira_net":
       m.backbone = dict(block="basic", layers=[1, 1, 1, 1], base_width=8)
     elif name == "fcn_clip":

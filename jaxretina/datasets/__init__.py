@@ -19,6 +19,10 @@ from jaxretina.datasets import eyepacs  # noqa: F401  (registers 'eyepacs')
 from jaxretina.datasets import idrid  # noqa: F401  (registers 'idrid')
 from jaxretina.datasets import messidor2  # noqa: F401  (registers 'messidor2')
 from jaxretina.datasets import odir5k  # noqa: F401  (registers 'odir5k')
+from jaxretina.datasets import mmc_amd  # noqa: F401  (registers 'mmc_amd')
+from jaxretina.datasets import gamma  # noqa: F401  (registers 'gamma')
+from jaxretina.datasets import mm_retinal  # noqa: F401  (registers 'mm_retinal')
+from jaxretina.datasets import flair_dataframe  # noqa: F401  (registers 'flair_dataframe')
 
 _log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@
 ``build`` prepares the ArrayRecord dataset NAME (any TFDS builder registered after importing
 ``jaxretina.datasets``) and prints the per-split counts it wrote and the path of its skip report.
 Every ``--option value`` not listed above becomes a builder keyword (``--canvas_size 256
---on_bad_input skip --num_workers 4``; ``--flag`` alone means true); values that look like integers
-are passed as integers. Bad input exits with status 2 and the builder's message, without a traceback.
+--on_bad_input skip --num_workers 4``; ``--flag`` alone means true; several values, or a repeated
+option, give a list: ``--csv a.csv b.csv``); values that look like integers are passed as integers.
+Bad input exits with status 2 and the builder's message, without a traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +21,19 @@ import sys
 _EXIT_BAD_INPUT = 2
 
 
+def _value(text: str):
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
 def _parse_options(extra: list[str]) -> dict:
-  """``['--canvas_size', '256', '--crop_fov']`` → ``{'canvas_size': 256, 'crop_fov': True}``."""
+  """``['--canvas_size', '256', '--crop_fov']`` → ``{'canvas_size': 256, 'crop_fov': True}``.
+
+  An option followed by several values, or given several times, becomes a list
+  (``--csv a.csv b.csv`` or ``--csv a.csv --csv b.csv`` → ``{'csv': ['a.csv', 'b.csv']}``).
+  """
   options, i = {}, 0
   while i < len(extra):
     token = extra[i]
@@ -29,16 +41,16 @@ def _parse_options(extra: list[str]) -> dict:
       raise ValueError(f"unexpected argument {token!r}: builder options are written --name value")
     key, _, value = token[2:].partition("=")
     key = key.replace("-", "_")
-    if not _:
-      if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-        value = extra[i + 1]
-        i += 1
-      else:
-        value = "true"
-    try:
-      options[key] = int(value)
-    except ValueError:
-      options[key] = value
+    values = [value] if _ else []
+    while not _ and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+      values.append(extra[i + 1])
+      i += 1
+    parsed = [_value(v) for v in values] or ["true"]
+    if key in options:
+      previous = options[key] if isinstance(options[key], list) else [options[key]]
+      options[key] = previous + parsed
+    else:
+      options[key] = parsed[0] if len(parsed) == 1 else parsed
     i += 1
   return options
 

@@ -119,7 +119,9 @@ class SyntheticRetina(tfds.core.GeneratorBasedBuilder):
     """Accepts a config name/object, or size keywords that override the named (or default) config."""
     overrides = {k: v for k, v in dict(image_size=image_size, num_train=num_train, num_test=num_test,
                                        num_expert=num_expert, seed=seed).items() if v is not None}
-    if overrides or num_workers is not None:
+    # Worker count changes how fast, not what, is generated: it stays off the config (and its name).
+    self._num_workers = None if num_workers is None else int(num_workers)
+    if overrides:
       if isinstance(config, SyntheticRetinaConfig):
         base = config
       elif (config or self.DEFAULT_CONFIG_NAME) in self.builder_configs:
@@ -133,9 +135,8 @@ class SyntheticRetina(tfds.core.GeneratorBasedBuilder):
           raise ValueError(f"synthetic_retina: {key} must be positive, got {value}")
       if int(values["image_size"]) < 16:
         raise ValueError(f"synthetic_retina: image_size must be >= 16, got {values['image_size']}")
-      name = _config_name(**values) if overrides else base.name
-      config = SyntheticRetinaConfig(name=name, version=self.VERSION,
-                                     num_workers=base.num_workers if num_workers is None else int(num_workers),
+      config = SyntheticRetinaConfig(name=_config_name(**values), version=self.VERSION,
+                                     num_workers=base.num_workers,
                                      description=f"{values['image_size']} px; custom split sizes.",
                                      **{k: int(v) for k, v in values.items()})
     super().__init__(config=config, **kwargs)
@@ -168,7 +169,7 @@ class SyntheticRetina(tfds.core.GeneratorBasedBuilder):
     split_seed = 1000 * cfg.seed + _SPLIT_SEED_OFFSETS[split]
     chunks = [(split_seed, start, min(start + _CHUNK, num_examples), cfg.image_size)
               for start in range(0, num_examples, _CHUNK)]
-    workers = cfg.num_workers or min(os.cpu_count() or 1, 4)
+    workers = self._num_workers or cfg.num_workers or min(os.cpu_count() or 1, 4)
     workers = min(workers, len(chunks))
     if workers <= 1:
       for chunk in chunks:

@@ -203,7 +203,8 @@ class CRDNetClassifier:
 
   ``config.data.fields`` names the two image fields in model order (x = fundus, y = OCT/FFA);
   ``config.model``: ``backbone_block``/``backbone_layers``/``backbone_base_width`` (ResNet-18:
-  basic, [2, 2, 2, 2], 64), ``num_heads``, ``skip_stem_maxpool`` (upstream quirk, see
+  basic, [2, 2, 2, 2], 64), ``num_heads``, ``cross_dim`` (CMA width and Attention4D key width; 0 =
+  upstream's 2× the tower channels), ``skip_stem_maxpool`` (upstream quirk, see
   ``models/crdnet.py``); ``config.loss.head_weights`` (1, 1, 1 upstream).
   """
 
@@ -219,6 +220,7 @@ class CRDNetClassifier:
                                 backbone_layers=tuple(m.get("backbone_layers", (2, 2, 2, 2))),
                                 backbone_base_width=int(m.get("backbone_base_width", 64)),
                                 num_heads=int(m.get("num_heads", 4)),
+                                cross_dim=int(m.get("cross_dim") or 0) or None,
                                 skip_stem_maxpool=bool(m.get("skip_stem_maxpool", False)),
                                 dtype=jnp.dtype(config.get("dtype", "float32")))
 
