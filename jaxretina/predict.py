@@ -1,0 +1,542 @@
+r"""Inference on a folder of images: ``python -m jaxretina.predict``.
+
+  python -m jaxretina.predict --checkpoint /runs/keepfit --images photos/ --out preds/ \
+      [--classes "normal,glaucoma,cataract"]
+  python -m jaxretina.predict --checkpoint /runs/bira --images eyepacs/test/ --out preds/
+  python -m jaxretina.predict --checkpoint /runs/crdnet --images fundus/ --images2 oct/ --out preds/
+  python -m jaxretina.predict --checkpoint flair_resnet.pth --text_dir /weights/Bio_ClinicalBERT \
+      --images photos/ --out preds/ --classes "no diabetic retinopathy,mild diabetic retinopathy"
+
+``--checkpoint`` is either a jaxretina workdir (its ``config.json`` says what it is) or an upstream
+FLAIR/KeepFIT PyTorch checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``/``.npz``; ResNet-50 +
+the BERT of ``--text_dir``, as FLAIR builds them; KeepFIT's are recognised by their knowledge
+attention weights).
+
+* Two-tower (contrastive) models classify zero-shot: each class name becomes FLAIR's prompt(s)
+  (domain-knowledge descriptions in the run's template), probabilities are
+  ``softmax(e^s · image · prototypesᵀ)``. Classes: ``--classes``, else the run's ``zero_shot``
+  evaluator's classes.
+* Classifiers (``task='classification'``) give their evaluation logits' softmax over
+  ``config.data.class_names``; models with attention maps (DualAttendMed/CAL, BiRA-Net, FCN-CLIP)
+  also give ``heatmaps/<name>.png`` overlays. CRD-Net takes two modalities: ``--images`` for the
+  first field of ``config.data.fields``, ``--images2`` for the second, paired by file stem (when the
+  stems of the two sets coincide) else by sorted order (equal counts).
+
+Preprocessing is the training one at the run's image size: two-tower models get FLAIR's canvas
+(longer side resized with antialiasing, zero-padded right/bottom; the dataset builders store
+images so); classifiers get the same square canvas by zero padding, then PIL's bilinear resize to
+``image_size`` as the data pipeline does, then ``config.data.normalize``. ``--fov_crop`` first
+crops fundus photographs to their field of view (FLAIR's ``crop_foreground``; first field only).
+
+Images are files or folders (searched recursively) of .png/.jpg/.jpeg/.tif/.tiff/.bmp (any case).
+A file that cannot be read becomes a row with its reason in ``status``, never an abort; other files
+found in the folders are listed as skipped. Writes ``OUT/predictions.csv`` (file, predicted class,
+one probability column per class, status) and prints a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import os
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+UPSTREAM_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+FLAIR_IMAGE_SIZE = 512
+FLAIR_MAX_TEXT_LENGTH = 77  # FLAIR's tokenizer; KeepFIT's is 256
+KEEPFIT_MAX_TEXT_LENGTH = 256
+OK = "ok"
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+@dataclasses.dataclass
+class Entry:
+  """One input: its image file(s) (one per model field) or, for a skipped file, the reason."""
+
+  paths: tuple[str, ...]
+  status: str = OK
+
+
+def collect_images(specs: Sequence[str], flag: str = "--images") -> tuple[list[str], list[Entry]]:
+  """Image files named by ``specs`` (files, or folders searched recursively, sorted).
+
+  Returns ``(images, skipped)``: the image files, and the other (non-hidden) files found in the
+  folders as skipped entries with their reason. A file named explicitly is always attempted.
+  """
+  images, skipped = [], []
+  for spec in specs:
+    if os.path.isfile(spec):
+      images.append(spec)
+      continue
+    if not os.path.isdir(spec):
+      raise FileNotFoundError(f"{flag} {spec}: no such file or directory")
+    for root, dirs, files in os.walk(spec):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      for name in sorted(files):
+        if name.startswith("."):
+          continue
+        path = os.path.join(root, name)
+        ext = os.path.splitext(name)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
+          images.append(path)
+        else:
+          skipped.append(Entry((path,), f"skipped: not an image file (extension {ext or 'none'!r}; expected one "
+                                        f"of {', '.join(IMAGE_EXTENSIONS)})"))
+  if not images:
+    raise ValueError(f"{flag} {' '.join(specs)}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                     "recursively in folders)")
+  return images, skipped
+
+
+def _stem(path: str) -> str:
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def pair_images(first: list[str], second: list[str], fields: Sequence[str]) -> list[tuple[str, str]]:
+  """Pairs two modalities' files: by identical file stems when both sets have the same unique stems,
+  else by sorted order when the counts agree; otherwise a ValueError naming the mismatch."""
+  stems1, stems2 = [_stem(p) for p in first], [_stem(p) for p in second]
+  unique = len(set(stems1)) == len(stems1) and len(set(stems2)) == len(stems2)
+  if unique and set(stems1) == set(stems2):
+    by_stem = dict(zip(stems2, second))
+    return [(p, by_stem[s]) for p, s in zip(first, stems1)]
+  if len(first) == len(second):
+    return list(zip(sorted(first), sorted(second)))
+  only1 = sorted(set(stems1) - set(stems2))[:5]
+  only2 = sorted(set(stems2) - set(stems1))[:5]
+  raise ValueError(f"cannot pair the {fields[0]!r} images (--images, {len(first)} files) with the {fields[1]!r} "
+                   f"images (--images2, {len(second)} files): the file stems differ (only in --images: {only1}; "
+                   f"only in --images2: {only2}) and the counts differ, so sorted order cannot pair them either")
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+  """uint8 (H, W, channels) of an image file; 16-bit/float images are scaled by their maximum."""
+  from PIL import Image
+
+  with Image.open(path) as opened:
+    opened.load()
+    image = opened
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+      # PIL's convert() would clip these to 0..255; scale the range instead.
+      values = np.asarray(image, np.float64)
+      top = values.max()
+      values = values / top * 255.0 if top > 0 else values
+      image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+    image = image.convert("RGB" if channels == 3 else "L")
+    array = np.asarray(image, np.uint8)
+  if array.ndim == 2:
+    array = array[..., None]
+  if min(array.shape[:2]) < 1:
+    raise ValueError(f"empty image ({array.shape[0]}x{array.shape[1]})")
+  return array
+
+
+# ---------------------------------------------------------------------------------------------- predictors
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A loaded model behind one interface.
+
+  ``fields``: input names in model order, with ``channels``; ``preprocess(uint8 HWC, field) ->
+  (model image (S, S, C) float32 in [0, 1], display uint8 (S, S, C))``; ``predict(batch) ->
+  (probabilities (B, K), attention (B, h, w) or None)`` for ``batch`` = {field: (B, S, S, C)}.
+  """
+
+  description: str
+  class_names: list[str]
+  fields: dict[str, int]
+  image_size: int
+  preprocess: Callable[[np.ndarray, str], tuple[np.ndarray, np.ndarray]]
+  predict: Callable[[dict], tuple[np.ndarray, np.ndarray | None]]
+
+
+def _canvas_preprocess(image_size: int):
+  from jaxretina.data.preprocess import canvas_resize
+
+  def preprocess(image: np.ndarray, field: str):
+    del field
+    display = canvas_resize(image, image_size)  # uint8 in, uint8 out: as the dataset builders store images
+    return display.astype(np.float32) / 255.0, display
+
+  return preprocess
+
+
+def _flair_preprocess(image_size: int):
+  from jaxretina.data.preprocess import flair_preprocess
+
+  def preprocess(image: np.ndarray, field: str):
+    del field
+    x = flair_preprocess(image, image_size)
+    return x, np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+  return preprocess
+
+
+def _pad_resize_preprocess(image_size: int):
+  """Zero-pad to a square (right/bottom, as the builders' canvas) then PIL bilinear to image_size."""
+  from PIL import Image
+
+  def preprocess(image: np.ndarray, field: str):
+    del field
+    h, w, c = image.shape
+    side = max(h, w)
+    square = np.zeros((side, side, c), np.uint8)
+    square[:h, :w] = image
+    pil = Image.fromarray(square[..., 0] if c == 1 else square)
+    if pil.size != (image_size, image_size):
+      pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    display = np.asarray(pil, np.uint8).reshape(image_size, image_size, c)
+    return display.astype(np.float32) / 255.0, display
+
+  return preprocess
+
+
+def _zero_shot_predict(model, variables, prototypes):
+  import jax
+  import jax.numpy as jnp
+
+  from jaxretina.models import flair
+
+  variables = jax.device_put(variables)
+  scale = jnp.exp(flair.clamp_logit_scale(jnp.asarray(variables["params"]["logit_scale"])))
+
+  @jax.jit
+  def probabilities(v, images):
+    emb = model.apply(v, images, train=False, method=type(model).encode_image)
+    return jax.nn.softmax(scale * emb @ prototypes.T, axis=-1)
+
+  def predict(batch):
+    (images,) = batch.values()
+    return np.asarray(probabilities(variables, jnp.asarray(images))), None
+
+  return predict
+
+
+def _zero_shot_settings(config, classes: list[str] | None, template: str | None) -> tuple[list[str], dict]:
+  """Classes and prompt settings: the flags, else the run's zero_shot evaluator, else FLAIR's defaults."""
+  from jaxretina.text import prompts
+
+  evaluator = {}
+  for cfg in (config.get("evals") or {}).values():
+    if cfg.get("type") == "zero_shot":
+      evaluator = cfg
+      break
+  if not classes:
+    classes = list(evaluator.get("classes") or [])
+  if not classes:
+    raise ValueError("this contrastive run has no zero_shot evaluator with classes in its config.json: name the "
+                     "classes with --classes \"class a,class b,...\"")
+  return classes, dict(template=template or evaluator.get("template") or prompts.ZERO_SHOT_TEMPLATE,
+                       domain_knowledge=bool(evaluator.get("domain_knowledge", True)),
+                       variant=evaluator.get("variant", "flair"))
+
+
+def _prototypes(model, variables, tokenizer, classes, settings, max_length):
+  from jaxretina.evaluators.zero_shot import class_prototypes
+
+  return class_prototypes(model, variables, tokenizer, classes, max_length=max_length, **settings)
+
+
+def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: list[str] | None = None,
+                           template: str | None = None, image_size: int | None = None) -> Predictor:
+  """A predictor for a jaxretina workdir (contrastive → zero-shot; classification → its logits)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxretina import restore
+
+  config, kind, model, variables = restore.load_run(workdir, step)
+  size = int(image_size or config.data.image_size)
+  if kind == "contrastive":
+    from jaxretina.train import contrastive
+
+    classes, settings = _zero_shot_settings(config, classes, template)
+    tokenizer = contrastive.build_tokenizer(config.text)
+    protos = _prototypes(model, variables, tokenizer, classes, settings, int(config.text.max_length))
+    return Predictor(description=f"zero-shot two-tower model of {workdir}", class_names=classes,
+                     fields={"image": 3}, image_size=size, preprocess=_canvas_preprocess(size),
+                     predict=_zero_shot_predict(model, variables, protos))
+
+  from jaxretina.train import classification
+
+  fields = classification.parse_fields(config.data.fields)
+  num_classes = int(config.data.num_classes)
+  names = list(config.data.get("class_names") or [str(k) for k in range(num_classes)])
+  if classes:
+    if len(classes) != num_classes:
+      raise ValueError(f"--classes names {len(classes)} classes; the classifier of {workdir} has {num_classes} "
+                       f"({names})")
+    names = list(classes)
+  mode = config.data.get("normalize", "imagenet")
+  classification.normalize(jnp.zeros((1, 1, 1, 3)), mode)  # a bad mode fails here, not mid-folder
+  variables = jax.device_put(variables)
+
+  @jax.jit
+  def outputs(v, batch):
+    inputs = {name: classification.normalize(batch[name], mode) for name in fields}
+    out = model.predict(v, inputs)
+    probs = jax.nn.softmax(out["logits"].astype(jnp.float32), axis=-1)
+    return probs, out.get("attention")
+
+  def predict(batch):
+    probs, attention = outputs(variables, {k: jnp.asarray(v) for k, v in batch.items()})
+    return np.asarray(probs), None if attention is None else np.asarray(attention, np.float32)
+
+  return Predictor(description=f"{config.model.name} classifier of {workdir}", class_names=names, fields=fields,
+                   image_size=size, preprocess=_pad_resize_preprocess(size), predict=predict)
+
+
+def load_upstream_predictor(path: str, *, text_dir: str | None, classes: list[str] | None,
+                            template: str | None = None, image_size: int | None = None) -> Predictor:
+  """A zero-shot predictor for a released FLAIR / KeepFIT PyTorch checkpoint (ResNet-50 + BERT)."""
+  from jaxretina.models import bert as bert_lib
+  from jaxretina.models import convert, flair
+  from jaxretina.text import prompts
+  from jaxretina.text.tokenizer import Tokenizer
+
+  if not text_dir:
+    raise ValueError(f"--checkpoint {path} is an upstream FLAIR/KeepFIT checkpoint: pass --text_dir, the local "
+                     "Bio_ClinicalBERT directory (config.json + vocab) its text tower was built with")
+  if not os.path.isdir(text_dir):
+    raise FileNotFoundError(f"--text_dir {text_dir}: no such directory")
+  if not classes:
+    raise ValueError(f"--checkpoint {path} is an upstream checkpoint with no class list: name the classes with "
+                     "--classes \"class a,class b,...\"")
+  size = int(image_size or FLAIR_IMAGE_SIZE)
+  state_dict = convert.load_torch_checkpoint(path)
+  prefix = "module." if any(k.startswith("module.") for k in state_dict) else ""
+  keepfit = any(k.startswith(prefix + "attention.") for k in state_dict)  # KeepFIT's knowledge attention
+  model = flair.two_tower_from_constructor({}, bert_lib.BertConfig.from_pretrained_dir(text_dir),
+                                           knowledge_attention=keepfit)
+  variables = flair.from_torch(state_dict, model, prefix=prefix, image_shape=(1, size, size, 3), source=path)
+  settings = dict(template=template or prompts.ZERO_SHOT_TEMPLATE, domain_knowledge=True,
+                  variant="keepfit" if keepfit else "flair")
+  protos = _prototypes(model, variables, Tokenizer.from_pretrained_dir(text_dir), classes, settings,
+                       KEEPFIT_MAX_TEXT_LENGTH if keepfit else FLAIR_MAX_TEXT_LENGTH)
+  return Predictor(description=f"{'KeepFIT' if keepfit else 'FLAIR'} checkpoint {path} (zero-shot)",
+                   class_names=list(classes), fields={"image": 3}, image_size=size,
+                   preprocess=_flair_preprocess(size), predict=_zero_shot_predict(model, variables, protos))
+
+
+def load_predictor(checkpoint: str, **kwargs) -> Predictor:
+  """``checkpoint``: a jaxretina workdir or an upstream FLAIR/KeepFIT weights file."""
+  if os.path.isdir(checkpoint):
+    kwargs.pop("text_dir", None)
+    return load_workdir_predictor(checkpoint, **kwargs)
+  if os.path.isfile(checkpoint):
+    if not checkpoint.lower().endswith(UPSTREAM_EXTENSIONS):
+      raise ValueError(f"--checkpoint {checkpoint}: expected a jaxretina workdir (a directory) or an upstream "
+                       f"FLAIR/KeepFIT checkpoint ({', '.join(UPSTREAM_EXTENSIONS)})")
+    kwargs.pop("step", None)
+    return load_upstream_predictor(checkpoint, **kwargs)
+  raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory (expected a jaxretina workdir or "
+                          "an upstream FLAIR/KeepFIT .pth)")
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclasses.dataclass
+class Result:
+  entry: Entry
+  probabilities: np.ndarray | None = None
+  heatmap: str | None = None
+
+
+def _error_text(e: BaseException) -> str:
+  return " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def _load_entry(predictor: Predictor, entry: Entry, fov_crop: bool):
+  """Model inputs and display images of one entry, or the reason it cannot be read (a string)."""
+  from jaxretina.data.preprocess import crop_fov
+
+  inputs, displays = {}, {}
+  for k, ((field, channels), path) in enumerate(zip(predictor.fields.items(), entry.paths)):
+    try:
+      image = read_image(path, channels)
+      if fov_crop and k == 0:
+        image = crop_fov(image)
+      inputs[field], displays[field] = predictor.preprocess(image, field)
+    except Exception as e:  # noqa: BLE001 - any decoder/preprocessing failure skips this file only
+      where = f" ({os.path.basename(path)})" if len(entry.paths) > 1 else ""
+      return f"unreadable{where}: {_error_text(e)}"
+  return inputs, displays
+
+
+def _heatmap_names(entries: Sequence[Entry]) -> list[str]:
+  names, seen = [], {}
+  for entry in entries:
+    stem = _stem(entry.paths[0])
+    count = seen.get(stem, 0)
+    seen[stem] = count + 1
+    names.append(stem if count == 0 else f"{stem}_{count}")
+  return names
+
+
+def run(predictor: Predictor, entries: Sequence[Entry], out_dir: str, *, batch_size: int = 16,
+        fov_crop: bool = False, log: Callable[[str], None] = print) -> list[Result]:
+  """Predicts ``entries`` in fixed-size batches (one compilation); writes heatmaps under ``out_dir``."""
+  from jaxretina.evaluators import plots
+
+  if batch_size < 1:
+    raise ValueError(f"--batch_size must be positive, got {batch_size}")
+  results = [Result(e) for e in entries]
+  names = _heatmap_names(entries)
+  todo = [i for i, e in enumerate(entries) if e.status == OK]
+  s = predictor.image_size
+  done = 0
+  for start in range(0, len(todo), batch_size):
+    chunk = todo[start:start + batch_size]
+    loaded = []
+    for i in chunk:
+      item = _load_entry(predictor, entries[i], fov_crop)
+      if isinstance(item, str):
+        results[i].entry = dataclasses.replace(entries[i], status=item)
+      else:
+        loaded.append((i, item))
+    done += len(chunk)
+    if not loaded:
+      continue
+    batch = {f: np.zeros((batch_size, s, s, c), np.float32) for f, c in predictor.fields.items()}
+    for row, (_, (inputs, _)) in enumerate(loaded):
+      for f in predictor.fields:
+        batch[f][row] = inputs[f]
+    probs, attention = predictor.predict(batch)
+    first = next(iter(predictor.fields))
+    for row, (i, (_, displays)) in enumerate(loaded):
+      results[i].probabilities = probs[row]
+      if attention is not None:
+        display = displays[first]
+        rgb = np.repeat(display, 3, axis=-1) if display.shape[-1] == 1 else display
+        path = os.path.join(out_dir, "heatmaps", names[i] + ".png")
+        try:
+          plots.save_png(plots.heatmap_overlay(rgb, attention[row]), path)
+          results[i].heatmap = path
+        except ValueError as e:  # a non-finite map: keep the prediction, say why there is no overlay
+          results[i].entry = dataclasses.replace(entries[i], status=f"ok (no heatmap: {_error_text(e)})")
+    log(f"  {done}/{len(todo)} images")
+  return results
+
+
+def write_csv(results: Sequence[Result], class_names: Sequence[str], fields: Sequence[str], path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  file_columns = ["file"] + [f"file_{f}" for f in list(fields)[1:]]
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(file_columns + ["predicted"] + [f"prob_{c}" for c in class_names] + ["status"])
+    for r in results:
+      files = list(r.entry.paths) + [""] * (len(file_columns) - len(r.entry.paths))
+      if r.probabilities is None:
+        writer.writerow(files + [""] + [""] * len(class_names) + [r.entry.status])
+      else:
+        p = r.probabilities
+        writer.writerow(files + [class_names[int(np.argmax(p))]] + [f"{v:.6f}" for v in p] + [r.entry.status])
+  os.replace(tmp, path)
+  return path
+
+
+def format_table(results: Sequence[Result], class_names: Sequence[str], max_rows: int = 30) -> str:
+  rows = []
+  for r in results:
+    name = os.path.basename(r.entry.paths[0])
+    if r.probabilities is None:
+      rows.append((name, "-", "-", r.entry.status))
+    else:
+      k = int(np.argmax(r.probabilities))
+      rows.append((name, class_names[k], f"{r.probabilities[k]:.3f}", r.entry.status))
+  header = ("file", "predicted", "prob", "status")
+  shown = rows[:max_rows]
+  widths = [min(max(len(str(x[c])) for x in [header] + shown), 48) for c in range(3)]
+  lines = ["  ".join(str(x[c])[:widths[c]].ljust(widths[c]) for c in range(3)) + "  " + x[3]
+           for x in [header] + shown]
+  if len(rows) > max_rows:
+    lines.append(f"... {len(rows) - max_rows} more rows in the CSV")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m jaxretina.predict", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True,
+                 help="a jaxretina workdir, or an upstream FLAIR/KeepFIT .pth (then --text_dir is required)")
+  p.add_argument("--images", nargs="+", required=True, help="image files or folders (recursive)")
+  p.add_argument("--images2", nargs="+", default=None,
+                 help="second modality of two-modality classifiers (CRD-Net), paired with --images")
+  p.add_argument("--out", required=True, help="output folder (predictions.csv, heatmaps/)")
+  p.add_argument("--classes", default=None, help="comma-separated class names (zero-shot classes; or renames a "
+                                                 "classifier's classes)")
+  p.add_argument("--template", default=None, help="zero-shot prompt template with [CLS] (default: the run's, or "
+                                                  "FLAIR's 'A fundus photograph of [CLS]')")
+  p.add_argument("--text_dir", default=None, help="local Bio_ClinicalBERT directory for upstream checkpoints")
+  p.add_argument("--image_size", type=int, default=None, help="model input size (default: the run's; FLAIR 512)")
+  p.add_argument("--fov_crop", action="store_true", help="crop fundus photographs to their field of view first")
+  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: the latest)")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+  """Runs the CLI; returns the per-file results. Bad arguments raise (``cli`` prints them)."""
+  args = parse_args(argv)
+  if args.image_size is not None and args.image_size < 16:
+    raise ValueError(f"--image_size must be >= 16, got {args.image_size}")
+  if args.batch_size < 1:
+    raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+  classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+  if args.classes is not None and not classes:
+    raise ValueError(f"--classes {args.classes!r}: no class names")
+  # Inputs are checked before the (slow) model load so that a typo fails at once.
+  images, skipped = collect_images(args.images)
+  images2, skipped2 = collect_images(args.images2, "--images2") if args.images2 else (None, [])
+  predictor = load_predictor(args.checkpoint, step=args.step, classes=classes, template=args.template,
+                             image_size=args.image_size, text_dir=args.text_dir)
+  fields = list(predictor.fields)
+  if len(fields) == 2:
+    if images2 is None:
+      raise ValueError(f"{predictor.description} takes two modalities {fields}: pass the {fields[1]!r} images "
+                       "with --images2")
+    entries = [Entry(pair) for pair in pair_images(images, images2, fields)]
+  else:
+    if images2 is not None:
+      raise ValueError(f"--images2 given, but {predictor.description} takes one image modality")
+    entries = [Entry((path,)) for path in images]
+  entries += skipped + skipped2
+  print(f"{predictor.description}: {len(predictor.class_names)} classes, {predictor.image_size} px, "
+        f"{len(entries) - len(skipped) - len(skipped2)} inputs", flush=True)
+  results = run(predictor, entries, args.out, batch_size=args.batch_size, fov_crop=args.fov_crop)
+  csv_path = write_csv(results, predictor.class_names, fields, os.path.join(args.out, "predictions.csv"))
+  print(format_table(results, predictor.class_names))
+  failed = [r for r in results if r.probabilities is None]
+  n_heat = sum(r.heatmap is not None for r in results)
+  print(f"{len(results) - len(failed)} predicted, {len(failed)} skipped; wrote {csv_path}"
+        + (f" and {n_heat} heatmaps under {os.path.join(args.out, 'heatmaps')}" if n_heat else ""))
+  for r in failed:
+    print(f"  skipped {r.entry.paths[0]}: {r.entry.status}")
+  return results
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+  """``main`` for the command line: a bad argument prints one clear line and exits with status 2; status 1
+  when every image was unreadable (the CSV still lists why)."""
+  from jaxretina.train.checkpoint import IncompatibleCheckpointError
+
+  try:
+    results = main(argv)
+  except (FileNotFoundError, ValueError, IncompatibleCheckpointError) as e:
+    print(f"predict: error: {e}", file=sys.stderr)
+    return 2
+  return 0 if any(r.probabilities is not None for r in results) else 1  # 1: no file could be read
+
+
+if __name__ == "__main__":
+  sys.exit(cli())

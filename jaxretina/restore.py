@@ -1,0 +1,165 @@
+"""Rebuild a trained model from a jaxretina workdir, for inference, without opening any dataset.
+
+A workdir (``jaxretina.train.loop``) holds ``config.json`` and Orbax checkpoints under
+``checkpoints/<step>/`` with the items ``state`` (the ``TrainState``) and ``data`` (iterator
+state). ``load_run`` rebuilds the model from the config alone (the task classes would open the
+training data) and restores only ``params`` and ``batch_stats`` of the chosen step, as host numpy
+arrays: the optimizer state is never read, so a checkpoint written on a pod restores on a laptop.
+
+  run = load_run("/runs/keepfit")           # latest step
+  config, kind, model, variables = run      # kind: 'contrastive' (TwoTower) | 'classification' (classifier)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxretina.train.checkpoint import IncompatibleCheckpointError
+
+KINDS = ("contrastive", "classification")
+_COLLECTIONS = ("params", "batch_stats")
+
+
+class Run(NamedTuple):
+  """A restored run; unpacks as ``(config, kind, model, variables)``.
+
+  ``model`` is a ``flair.TwoTower`` for ``kind='contrastive'`` and a classifier of
+  ``jaxretina.train.classifiers`` (``.predict(variables, inputs)``) for ``'classification'``.
+  ``variables`` holds ``params`` (and ``batch_stats`` where the model has BatchNorm) as numpy arrays.
+  """
+
+  config: ml_collections.ConfigDict
+  kind: str
+  model: Any
+  variables: dict
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's ``config.json`` as a ConfigDict."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: no config.json — not a jaxretina workdir (a training run writes "
+                            "config.json and checkpoints/ there)")
+  try:
+    with open(path) as f:
+      fields = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable config ({type(e).__name__}: {e})") from None
+  if not isinstance(fields, dict) or fields.get("task") not in KINDS:
+    raise ValueError(f"{path}: config.task={fields.get('task') if isinstance(fields, dict) else None!r}; "
+                     f"expected one of {KINDS}")
+  return ml_collections.ConfigDict(fields)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Finalised checkpoint steps in ``workdir/checkpoints`` (Orbax's temporary directories excluded)."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(name) for name in os.listdir(root)
+                if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")))
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
+  """The run's model and the abstract variables it initialises (``jax.ShapeDtypeStruct`` leaves)."""
+  rng = jax.random.PRNGKey(0)
+  if config.task == "contrastive":
+    from jaxretina.train import contrastive
+
+    tokenizer = contrastive.build_tokenizer(config.text)
+    model = contrastive.build_model(config, contrastive.build_text_config(config.text, tokenizer))
+    s, length = int(config.data.image_size), int(config.text.max_length)
+    images = jnp.zeros((1, s, s, 3), jnp.float32)
+    ids = jnp.zeros((1, length), jnp.int32)
+    abstract = jax.eval_shape(lambda: model.init({"params": rng, "dropout": rng}, images, ids, jnp.ones_like(ids)))
+    return model, abstract
+  from jaxretina.train import classification, classifiers
+
+  fields = classification.parse_fields(config.data.fields)
+  classifier = classifiers.build(config, int(config.data.num_classes), fields)
+  s = int(config.data.image_size)
+  inputs = {name: jnp.zeros((1, s, s, ch), jnp.float32) for name, ch in fields.items()}
+  abstract = jax.eval_shape(lambda: classifier.init(rng, inputs)[0])
+  return classifier, abstract
+
+
+def restore_variables(state_dir: str, abstract: dict) -> dict:
+  """``params``/``batch_stats`` of the Orbax ``state`` item at ``state_dir`` as numpy arrays.
+
+  Only these two collections are read (Orbax partial restore); their tree must equal ``abstract``'s
+  in paths and shapes, else ``IncompatibleCheckpointError`` lists the differences.
+  """
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    meta = checkpointer.metadata(state_dir).item_metadata
+  except Exception as e:  # noqa: BLE001 - any unreadable metadata: name the directory
+    raise IncompatibleCheckpointError(f"cannot read the checkpoint metadata at {state_dir}: "
+                                      f"{type(e).__name__}: {e}") from None
+  stored = meta.tree if hasattr(meta, "tree") else meta
+  wanted = {c: abstract[c] for c in _COLLECTIONS if jax.tree.leaves(abstract.get(c, {}))}
+  present = {c: stored[c] for c in wanted if c in stored}
+  _check_same_shapes(wanted, present, state_dir)
+  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), present)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), present)
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                         partial_restore=True))
+  return {c: jax.tree.map(lambda a, t: np.asarray(a, t.dtype), restored[c], wanted[c]) for c in wanted}
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out["/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)] = tuple(leaf.shape)
+  return out
+
+
+def _check_same_shapes(wanted: dict, stored: dict, where: str) -> None:
+  want, have = _flat_shapes(wanted), _flat_shapes(stored)
+  problems = []
+  for k in sorted(set(want) | set(have)):
+    if k not in have:
+      problems.append(f"{k}: expected {want[k]}, absent from the checkpoint")
+    elif k not in want:
+      problems.append(f"{k}: in the checkpoint {have[k]}, not in the model config.json builds")
+    elif want[k] != have[k]:
+      problems.append(f"{k}: checkpoint has shape {have[k]}, config.json builds {want[k]}")
+  if problems:
+    head = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
+    raise IncompatibleCheckpointError(f"the checkpoint {where} does not match the model of its config.json "
+                                      f"({len(problems)} differing leaves):\n  {head}")
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """Rebuilds ``workdir``'s model from its ``config.json`` and restores the weights of ``step``.
+
+  Args:
+    workdir: a training run's directory (``config.json`` + ``checkpoints/``).
+    step: checkpoint step; None = the latest.
+  Returns:
+    ``Run(config, kind, model, variables)`` (see ``Run``).
+  """
+  workdir = os.fspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{workdir}: no such directory (expected a jaxretina workdir)")
+  config = load_config(workdir)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"{workdir}: no checkpoint under {os.path.join(workdir, 'checkpoints')} (the run "
+                            "has not saved a step yet)")
+  if step is None:
+    step = steps[-1]
+  elif int(step) not in steps:
+    raise FileNotFoundError(f"{workdir}: no checkpoint for step {step}; saved steps: {steps}")
+  model, abstract = build_model(config)
+  state_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(int(step)), "state")
+  variables = restore_variables(state_dir, abstract)
+  return Run(config=config, kind=str(config.task), model=model, variables=variables)
