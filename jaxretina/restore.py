@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxretina.train import checkpoint
 from jaxretina.train.checkpoint import IncompatibleCheckpointError
 
 KINDS = ("contrastive", "classification")
@@ -115,27 +116,12 @@ def restore_variables(state_dir: str, abstract: dict) -> dict:
   return {c: jax.tree.map(lambda a, t: np.asarray(a, t.dtype), restored[c], wanted[c]) for c in wanted}
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out["/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)] = tuple(leaf.shape)
-  return out
-
-
 def _check_same_shapes(wanted: dict, stored: dict, where: str) -> None:
-  want, have = _flat_shapes(wanted), _flat_shapes(stored)
-  problems = []
-  for k in sorted(set(want) | set(have)):
-    if k not in have:
-      problems.append(f"{k}: expected {want[k]}, absent from the checkpoint")
-    elif k not in want:
-      problems.append(f"{k}: in the checkpoint {have[k]}, not in the model config.json builds")
-    elif want[k] != have[k]:
-      problems.append(f"{k}: checkpoint has shape {have[k]}, config.json builds {want[k]}")
+  problems = checkpoint.shape_mismatches(wanted, stored, model="the model config.json builds",
+                                         builder="config.json builds")
   if problems:
-    head = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
     raise IncompatibleCheckpointError(f"the checkpoint {where} does not match the model of its config.json "
-                                      f"({len(problems)} differing leaves):\n  {head}")
+                                      f"({len(problems)} differing leaves):\n  {checkpoint._head(problems)}")
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:

@@ -23,11 +23,8 @@ named after its values (so different sizes never share a directory).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
-import multiprocessing
-import os
 from typing import Iterator
 
 from etils import epath
@@ -35,9 +32,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxretina.data import synthetic_oct
+from jaxretina.datasets import synthetic_retina
 
 _SPLIT_SEED_OFFSETS = {"train": 0, "test": 1}
-_CHUNK = 64  # examples per worker task: large enough to amortise IPC, small enough to stream
 _SIZE_KEYS = ("image_size", "num_train", "num_test", "seed")
 
 
@@ -164,15 +161,5 @@ class SyntheticFundusOct(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
     cfg = self.builder_config
     split_seed = 1000 * cfg.seed + _SPLIT_SEED_OFFSETS[split]
-    chunks = [(split_seed, start, min(start + _CHUNK, num_examples), cfg.image_size)
-              for start in range(0, num_examples, _CHUNK)]
-    workers = self._num_workers or cfg.num_workers or min(os.cpu_count() or 1, 4)
-    workers = min(workers, len(chunks))
-    if workers <= 1:
-      for chunk in chunks:
-        yield from _render_chunk(*chunk)
-      return
-    # 'spawn': the caller may already run JAX threads, which fork would copy into a broken state.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-      for rendered in pool.map(_render_chunk, *zip(*chunks)):
-        yield from rendered
+    yield from synthetic_retina.generate_in_chunks(_render_chunk, split_seed, num_examples, cfg.image_size,
+                                                   self._num_workers or cfg.num_workers)

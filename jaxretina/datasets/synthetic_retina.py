@@ -72,6 +72,23 @@ def _config_name(image_size, num_train, num_test, num_expert, seed) -> str:
   return f"s{image_size}_tr{num_train}_te{num_test}_ex{num_expert}_seed{seed}"
 
 
+def generate_in_chunks(render_chunk, split_seed: int, num_examples: int, image_size: int,
+                       num_workers: int = 0) -> Iterator[tuple[int, dict]]:
+  """Yields ``render_chunk(split_seed, start, stop, image_size)``'s examples in order, chunk by chunk,
+  over a spawn process pool (``num_workers`` 0 = up to 4 CPUs). ``render_chunk`` must be picklable."""
+  chunks = [(split_seed, start, min(start + _CHUNK, num_examples), image_size)
+            for start in range(0, num_examples, _CHUNK)]
+  workers = min(num_workers or min(os.cpu_count() or 1, 4), len(chunks))
+  if workers <= 1:
+    for chunk in chunks:
+      yield from render_chunk(*chunk)
+    return
+  # 'spawn': the caller may already run JAX threads, which fork would copy into a broken state.
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    for rendered in pool.map(render_chunk, *zip(*chunks)):
+      yield from rendered
+
+
 def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> list[tuple[int, dict]]:
   """Renders and PNG-encodes examples [start, stop); module-level so worker processes can run it."""
   out = []
@@ -167,18 +184,8 @@ class SyntheticRetina(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
     cfg = self.builder_config
     split_seed = 1000 * cfg.seed + _SPLIT_SEED_OFFSETS[split]
-    chunks = [(split_seed, start, min(start + _CHUNK, num_examples), cfg.image_size)
-              for start in range(0, num_examples, _CHUNK)]
-    workers = self._num_workers or cfg.num_workers or min(os.cpu_count() or 1, 4)
-    workers = min(workers, len(chunks))
-    if workers <= 1:
-      for chunk in chunks:
-        yield from _render_chunk(*chunk)
-      return
-    # 'spawn': the caller may already run JAX threads, which fork would copy into a broken state.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-      for rendered in pool.map(_render_chunk, *zip(*chunks)):
-        yield from rendered
+    yield from generate_in_chunks(_render_chunk, split_seed, num_examples, cfg.image_size,
+                                  self._num_workers or cfg.num_workers)
 
 
 def example_lists(record: dict) -> tuple[list[str], list[str]]:

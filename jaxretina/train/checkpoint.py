@@ -86,21 +86,11 @@ class Checkpointer:
       raise IncompatibleCheckpointError(f"cannot read the checkpoint at {self.directory}/{step}: {e}") from e
     if stored is None:
       return
-    want = _flat_shapes(abstract_state)
-    have = _flat_shapes(stored)
-    problems = []
-    for k in sorted(set(want) | set(have)):
-      if k not in have:
-        problems.append(f"{k}: expected {want[k]}, absent from the checkpoint")
-      elif k not in want:
-        problems.append(f"{k}: in the checkpoint {have[k]}, not in this model")
-      elif want[k] != have[k]:
-        problems.append(f"{k}: checkpoint has shape {have[k]}, this config builds {want[k]}")
+    problems = shape_mismatches(abstract_state, stored, model="this model", builder="this config builds")
     if problems:
-      head = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
       raise IncompatibleCheckpointError(
           f"the workdir's checkpoint {self.directory}/{step} does not match this configuration "
-          f"({len(problems)} differing leaves):\n  {head}\n"
+          f"({len(problems)} differing leaves):\n  {_head(problems)}\n"
           "Nothing was overwritten. Use another --workdir, or the config that wrote this checkpoint.")
 
   def restore(self, step: int, abstract_state: Any, data: IteratorGroup | None) -> Any:
@@ -123,6 +113,24 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def shape_mismatches(wanted: Any, stored: Any, *, model: str, builder: str) -> list[str]:
+  """One line per leaf whose presence or shape differs between two trees (wanted = what the code builds)."""
+  want, have = _flat_shapes(wanted), _flat_shapes(stored)
+  problems = []
+  for k in sorted(set(want) | set(have)):
+    if k not in have:
+      problems.append(f"{k}: expected {want[k]}, absent from the checkpoint")
+    elif k not in want:
+      problems.append(f"{k}: in the checkpoint {have[k]}, not in {model}")
+    elif want[k] != have[k]:
+      problems.append(f"{k}: checkpoint has shape {have[k]}, {builder} {want[k]}")
+  return problems
+
+
+def _head(problems: list[str], limit: int = 12) -> str:
+  return "\n  ".join(problems[:limit]) + (f"\n  ... {len(problems) - limit} more" if len(problems) > limit else "")
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
