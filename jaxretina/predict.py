@@ -46,10 +46,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-UPSTREAM_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".npz")
-FLAIR_IMAGE_SIZE = 512
-FLAIR_MAX_TEXT_LENGTH = 77  # FLAIR's tokenizer; KeepFIT's is 256
-KEEPFIT_MAX_TEXT_LENGTH = 256
 OK = "ok"
 
 
@@ -220,25 +216,6 @@ def _zero_shot_predict(model, variables, prototypes):
   return predict
 
 
-def _zero_shot_settings(config, classes: list[str] | None, template: str | None) -> tuple[list[str], dict]:
-  """Classes and prompt settings: the flags, else the run's zero_shot evaluator, else FLAIR's defaults."""
-  from jaxretina.text import prompts
-
-  evaluator = {}
-  for cfg in (config.get("evals") or {}).values():
-    if cfg.get("type") == "zero_shot":
-      evaluator = cfg
-      break
-  if not classes:
-    classes = list(evaluator.get("classes") or [])
-  if not classes:
-    raise ValueError("this contrastive run has no zero_shot evaluator with classes in its config.json: name the "
-                     "classes with --classes \"class a,class b,...\"")
-  return classes, dict(template=template or evaluator.get("template") or prompts.ZERO_SHOT_TEMPLATE,
-                       domain_knowledge=bool(evaluator.get("domain_knowledge", True)),
-                       variant=evaluator.get("variant", "flair"))
-
-
 def _prototypes(model, variables, tokenizer, classes, settings, max_length):
   from jaxretina.evaluators.zero_shot import class_prototypes
 
@@ -253,20 +230,14 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
 
   from jaxretina import restore
 
-  config, kind, model, variables = restore.load_run(workdir, step)
-  size = int(image_size or config.data.image_size)
-  if kind == "contrastive":
-    from jaxretina.train import contrastive
-
-    classes, settings = _zero_shot_settings(config, classes, template)
-    tokenizer = contrastive.build_tokenizer(config.text)
-    protos = _prototypes(model, variables, tokenizer, classes, settings, int(config.text.max_length))
-    return Predictor(description=f"zero-shot two-tower model of {workdir}", class_names=classes,
-                     fields={"image": 3}, image_size=size, preprocess=_canvas_preprocess(size),
-                     predict=_zero_shot_predict(model, variables, protos))
+  if restore.load_config(workdir).task == "contrastive":
+    return _two_tower_predictor(restore.load_two_tower(workdir, step=step), classes, template, image_size,
+                                _canvas_preprocess)
 
   from jaxretina.train import classification
 
+  config, _, model, variables = restore.load_run(workdir, step)
+  size = int(image_size or config.data.image_size)
   fields = classification.parse_fields(config.data.fields)
   num_classes = int(config.data.num_classes)
   names = list(config.data.get("class_names") or [str(k) for k in range(num_classes)])
@@ -297,44 +268,43 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
 def load_upstream_predictor(path: str, *, text_dir: str | None, classes: list[str] | None,
                             template: str | None = None, image_size: int | None = None) -> Predictor:
   """A zero-shot predictor for a released FLAIR / KeepFIT PyTorch checkpoint (ResNet-50 + BERT)."""
-  from jaxretina.models import bert as bert_lib
-  from jaxretina.models import convert, flair
-  from jaxretina.text import prompts
-  from jaxretina.text.tokenizer import Tokenizer
+  from jaxretina import restore
 
   if not text_dir:
     raise ValueError(f"--checkpoint {path} is an upstream FLAIR/KeepFIT checkpoint: pass --text_dir, the local "
                      "Bio_ClinicalBERT directory (config.json + vocab) its text tower was built with")
-  if not os.path.isdir(text_dir):
-    raise FileNotFoundError(f"--text_dir {text_dir}: no such directory")
   if not classes:
     raise ValueError(f"--checkpoint {path} is an upstream checkpoint with no class list: name the classes with "
                      "--classes \"class a,class b,...\"")
-  size = int(image_size or FLAIR_IMAGE_SIZE)
-  state_dict = convert.load_torch_checkpoint(path)
-  prefix = "module." if any(k.startswith("module.") for k in state_dict) else ""
-  keepfit = any(k.startswith(prefix + "attention.") for k in state_dict)  # KeepFIT's knowledge attention
-  model = flair.two_tower_from_constructor({}, bert_lib.BertConfig.from_pretrained_dir(text_dir),
-                                           knowledge_attention=keepfit)
-  variables = flair.from_torch(state_dict, model, prefix=prefix, image_shape=(1, size, size, 3), source=path)
-  settings = dict(template=template or prompts.ZERO_SHOT_TEMPLATE, domain_knowledge=True,
-                  variant="keepfit" if keepfit else "flair")
-  protos = _prototypes(model, variables, Tokenizer.from_pretrained_dir(text_dir), classes, settings,
-                       KEEPFIT_MAX_TEXT_LENGTH if keepfit else FLAIR_MAX_TEXT_LENGTH)
-  return Predictor(description=f"{'KeepFIT' if keepfit else 'FLAIR'} checkpoint {path} (zero-shot)",
-                   class_names=list(classes), fields={"image": 3}, image_size=size,
-                   preprocess=_flair_preprocess(size), predict=_zero_shot_predict(model, variables, protos))
+  return _two_tower_predictor(restore.load_two_tower(path, text_dir=text_dir), classes, template, image_size,
+                              _flair_preprocess)
+
+
+def _two_tower_predictor(run, classes, template, image_size, preprocess) -> Predictor:
+  """Zero-shot over ``classes`` (default: the run's own zero-shot classes)."""
+  classes = list(classes or run.classes)
+  if not classes:
+    raise ValueError(f"{run.description} has no zero_shot evaluator with classes in its config: name the classes "
+                     "with --classes \"class a,class b,...\"")
+  settings = dict(run.prompt, template=template or run.prompt["template"])
+  protos = _prototypes(run.model, run.variables, run.tokenizer, classes, settings, run.max_length)
+  size = int(image_size or run.image_size)
+  return Predictor(description=f"{run.description} (zero-shot)", class_names=classes, fields={"image": 3},
+                   image_size=size, preprocess=preprocess(size),
+                   predict=_zero_shot_predict(run.model, run.variables, protos))
 
 
 def load_predictor(checkpoint: str, **kwargs) -> Predictor:
   """``checkpoint``: a jaxretina workdir or an upstream FLAIR/KeepFIT weights file."""
+  from jaxretina import restore
+
   if os.path.isdir(checkpoint):
     kwargs.pop("text_dir", None)
     return load_workdir_predictor(checkpoint, **kwargs)
   if os.path.isfile(checkpoint):
-    if not checkpoint.lower().endswith(UPSTREAM_EXTENSIONS):
+    if not checkpoint.lower().endswith(restore.UPSTREAM_EXTENSIONS):
       raise ValueError(f"--checkpoint {checkpoint}: expected a jaxretina workdir (a directory) or an upstream "
-                       f"FLAIR/KeepFIT checkpoint ({', '.join(UPSTREAM_EXTENSIONS)})")
+                       f"FLAIR/KeepFIT checkpoint ({', '.join(restore.UPSTREAM_EXTENSIONS)})")
     kwargs.pop("step", None)
     return load_upstream_predictor(checkpoint, **kwargs)
   raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory (expected a jaxretina workdir or "

@@ -149,3 +149,101 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   state_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(int(step)), "state")
   variables = restore_variables(state_dir, abstract)
   return Run(config=config, kind=str(config.task), model=model, variables=variables)
+
+
+# ------------------------------------------------------------------------------------- two-tower models
+FLAIR_IMAGE_SIZE = 512
+FLAIR_MAX_TEXT_LENGTH = 77  # FLAIR's tokenizer; KeepFIT's is 256
+KEEPFIT_MAX_TEXT_LENGTH = 256
+UPSTREAM_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".npz")
+
+
+class TwoTowerRun(NamedTuple):
+  """A FLAIR / KeepFIT two-tower model with what zero-shot scoring needs around it.
+
+  ``model``/``variables``: ``flair.TwoTower`` and its weights (numpy); ``tokenizer`` and ``max_length``
+  for the class prompts; ``prompt``: ``template``, ``domain_knowledge``, ``variant`` (the run's
+  zero_shot evaluator, else FLAIR's); ``classes``: the run's zero-shot classes (may be empty);
+  ``image_size``: the resolution it was trained at; ``source``: 'workdir' or 'upstream';
+  ``description``: for messages.
+  """
+
+  model: Any
+  variables: dict
+  tokenizer: Any
+  max_length: int
+  prompt: dict
+  classes: list
+  image_size: int
+  source: str
+  description: str
+
+
+def _zero_shot_evaluator(config) -> dict:
+  for cfg in (config.get("evals") or {}).values():
+    if cfg.get("type") == "zero_shot":
+      return dict(cfg)
+  return {}
+
+
+def load_two_tower(checkpoint: str, *, text_dir: str | None = None, step: int | None = None,
+                   constructor: dict | None = None) -> TwoTowerRun:
+  """A two-tower model from a jaxretina contrastive workdir or a released FLAIR/KeepFIT checkpoint.
+
+  Args:
+    checkpoint: a workdir of ``task='contrastive'``, or an upstream weights file (``.pth`` ...). Upstream
+      files are recognised as KeepFIT by their ``attention.*`` keys, else FLAIR; a ``module.`` prefix
+      (DistributedDataParallel) is stripped.
+    text_dir: for upstream files, the local Bio_ClinicalBERT directory (config.json + vocabulary) the
+      text tower was built with.
+    step: workdir checkpoint step (default: the latest).
+    constructor: for upstream files of another architecture than the released ResNet-50 / 512-d
+      towers, upstream's ``FLAIRModel`` constructor kwargs (``flair.two_tower_from_constructor``).
+  """
+  from jaxretina.text import prompts
+
+  if os.path.isdir(checkpoint):
+    from jaxretina.train import contrastive
+
+    config = load_config(checkpoint)
+    if config.task != "contrastive":
+      raise ValueError(f"{checkpoint}: a {config.task} run ({config.model.get('name', '?')}); a two-tower "
+                       "(task='contrastive') FLAIR/KeepFIT run is needed here")
+    run = load_run(checkpoint, step)
+    evaluator = _zero_shot_evaluator(run.config)
+    prompt = dict(template=evaluator.get("template") or prompts.ZERO_SHOT_TEMPLATE,
+                  domain_knowledge=bool(evaluator.get("domain_knowledge", True)),
+                  variant=evaluator.get("variant", "flair"))
+    return TwoTowerRun(model=run.model, variables=run.variables,
+                       tokenizer=contrastive.build_tokenizer(run.config.text),
+                       max_length=int(run.config.text.max_length), prompt=prompt,
+                       classes=list(evaluator.get("classes") or []), image_size=int(run.config.data.image_size),
+                       source="workdir", description=f"two-tower run {checkpoint}")
+  if not os.path.isfile(checkpoint):
+    raise FileNotFoundError(f"checkpoint {checkpoint}: no such file or directory (expected a jaxretina workdir or "
+                            "an upstream FLAIR/KeepFIT .pth)")
+  if not checkpoint.lower().endswith(UPSTREAM_EXTENSIONS):
+    raise ValueError(f"checkpoint {checkpoint}: expected a jaxretina workdir (a directory) or an upstream "
+                     f"FLAIR/KeepFIT checkpoint ({', '.join(UPSTREAM_EXTENSIONS)})")
+  from jaxretina.models import bert as bert_lib
+  from jaxretina.models import convert, flair
+  from jaxretina.text.tokenizer import Tokenizer
+
+  if not text_dir:
+    raise ValueError(f"checkpoint {checkpoint} is an upstream FLAIR/KeepFIT checkpoint: name the local "
+                     "Bio_ClinicalBERT directory (config.json + vocab) its text tower was built with (text_dir)")
+  if not os.path.isdir(text_dir):
+    raise FileNotFoundError(f"text_dir {text_dir}: no such directory")
+  state_dict = convert.load_torch_checkpoint(checkpoint)
+  prefix = "module." if any(k.startswith("module.") for k in state_dict) else ""
+  keepfit = any(k.startswith(prefix + "attention.") for k in state_dict)  # KeepFIT's knowledge attention
+  model = flair.two_tower_from_constructor(dict(constructor or {}), bert_lib.BertConfig.from_pretrained_dir(text_dir),
+                                           knowledge_attention=keepfit)
+  variables = flair.from_torch(state_dict, model, prefix=prefix, source=checkpoint)
+  prompt = dict(template=prompts.ZERO_SHOT_TEMPLATE, domain_knowledge=True, variant="keepfit" if keepfit else "flair")
+  return TwoTowerRun(model=model, variables=jax.tree.map(np.asarray, variables),
+                     tokenizer=Tokenizer.from_pretrained_dir(text_dir),
+                     max_length=KEEPFIT_MAX_TEXT_LENGTH if keepfit else FLAIR_MAX_TEXT_LENGTH, prompt=prompt,
+                     classes=[], image_size=int((constructor or {}).get("image_size", FLAIR_IMAGE_SIZE)),
+                     source="upstream",
+                     description=f"{'KeepFIT' if keepfit else 'FLAIR'} checkpoint {checkpoint}")

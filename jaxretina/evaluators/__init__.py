@@ -20,7 +20,7 @@ def register(name: str):
 
 
 def run_evaluators(task, variables, mesh) -> dict[str, float]:
-  from jaxretina.evaluators import classification, zero_shot  # noqa: F401  (registers)
+  from jaxretina.evaluators import classification, transfer, zero_shot  # noqa: F401  (registers)
 
   results: dict[str, float] = {}
   for name, cfg in (task.config.get("evals") or {}).items():

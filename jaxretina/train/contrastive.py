@@ -256,6 +256,7 @@ class ContrastiveTask:
   def evaluate(self, state: TrainState, mesh) -> dict[str, float]:
     from jaxretina.evaluators import run_evaluators
 
+    self.eval_step = int(jax.device_get(state.step))
     return run_evaluators(self, state.variables(), mesh)
 
 

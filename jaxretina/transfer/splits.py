@@ -32,6 +32,7 @@ __all__ = [
     "fold_splits",
     "get_shots",
     "labelled_rows",
+    "parse_categories",
     "read_dataframe",
     "split_rows",
 ]
@@ -95,7 +96,8 @@ def get_shots(shots: str | int, n: int) -> int:
     raise ValueError(f"get_shots: shots={shots!r} is neither 'k%' with an integer k nor an integer count") from None
 
 
-def _categories(value: Any, where: str) -> list[str]:
+def parse_categories(value: Any, where: str) -> list[str]:
+  """A row's category names from a list or the Python list literal the dataframes store."""
   if isinstance(value, str):
     # The dataframes store a Python list literal; upstream eval()s it, literal_eval is the safe equivalent.
     try:
@@ -128,7 +130,7 @@ def labelled_rows(rows: Iterable[Any], targets: Sequence[str] | Mapping[str, int
         sample_id, cats = row
       except (TypeError, ValueError):
         raise ValueError(f"{where}: expected an (id, categories) pair or a dict, got {row!r}") from None
-    first = _categories(cats, where)[0]
+    first = parse_categories(cats, where)[0]
     if first not in index:
       raise ValueError(f"{where} ({sample_id!r}): first category {first!r} is not a target; targets are "
                        f"{sorted(index, key=index.get)}")

@@ -1,0 +1,336 @@
+"""``python -m jaxretina.evaluate``: FLAIR's transfer protocol end to end on a briefly trained two-tower run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxretina import evaluate, restore
+from jaxretina.configlib import load_config_module
+from jaxretina.data import synthetic
+from jaxretina.train import loop
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import require_parity_dir  # noqa: E402
+from train_utils import REPO_ROOT, tiny_keepfit_config  # noqa: E402
+
+DATA = dict(image_size=32, num_train=256, num_test=140, num_expert=16)  # 20 test images per class
+STEPS = 120
+CHANCE = 1.0 / len(synthetic.ZERO_SHOT_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("evaluate_data"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+  """A two-tower run trained 120 steps (checkpoints at 60 and 120) with a ``transfer`` evaluator."""
+  workdir = str(tmp_path_factory.mktemp("two_tower") / "run")
+  config = tiny_keepfit_config(data_dir, steps=STEPS, kd=False)
+  with config.unlocked():
+    config.data.builder_kwargs = dict(DATA)
+    config.batch_size = 32
+    config.schedule.lr = 3e-3
+    config.text.bert.hidden_size = 32
+    config.model.proj_dim = 64  # CLIP-Adapter's bottleneck is proj_dim / 4 ReLUs; 4 of them may all be dead
+    config.text.bert.intermediate_size = 64
+    config.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=8)
+    config.checkpoint_every = STEPS // 2
+    config.log_every = STEPS
+    config.evals = dict(lp=dict(type="transfer", method="lp", shots_train="10", folds=2,
+                                data=dict(data_dir=data_dir, builder_kwargs=dict(DATA))))
+  final = loop.train_and_evaluate(config, workdir)
+  return workdir, final
+
+
+def transfer_config(workdir, data_dir, tmp_path, arg="", **fields):
+  config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(arg or None)
+  with config.unlocked():
+    config.checkpoint = workdir
+    config.cache_dir = str(tmp_path / "cache")
+    config.out_dir = str(tmp_path / "out")
+    config.data.data_dir = data_dir
+    config.data.builder_kwargs = dict(DATA)
+    config.data.batch_size = 32
+    for key, value in fields.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def run(config):
+  logs = []
+  result = evaluate.evaluate(config, log=logs.append)
+  return result, "\n".join(logs)
+
+
+def test_zero_shot_and_linear_probe_beat_chance_and_write_reports(trained_run, data_dir, tmp_path):
+  workdir, final = trained_run
+  zs, _ = run(transfer_config(workdir, data_dir, tmp_path / "zs", "method=zero_shot"))
+  assert zs["folds"][0]["n"] == DATA["num_test"]
+  assert zs["summary"]["aca"]["mean"] > 2 * CHANCE, zs["summary"]["aca"]
+
+  lp, log = run(transfer_config(workdir, data_dir, tmp_path / "lp", "method=lp,shots_train=10,folds=3"))
+  assert lp["summary"]["aca"]["mean"] > 2 * CHANCE, lp["summary"]["aca"]
+  assert "fold 3/3: train 70, val 0, test " in log, log  # 10 shots of each of the 7 classes
+  # The fold summary is the mean and population std over the folds, as FLAIR's average_folds_results.
+  per_fold = np.array([f["aca"] for f in lp["folds"]])
+  assert lp["summary"]["aca"]["mean"] == pytest.approx(per_fold.mean())
+  assert lp["summary"]["aca"]["std"] == pytest.approx(per_fold.std())
+
+  out = tmp_path / "lp" / "out"
+  assert {"metrics.json", "metrics.csv", "predictions.csv", "confusion_matrix.png", "roc.png"} <= set(os.listdir(out))
+  with open(out / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved["config"]["method"] == "lp" and len(saved["folds"]) == 3
+  with open(out / "metrics.csv") as f:
+    table = list(csv.reader(f))
+  assert [r[0] for r in table] == ["fold", "0", "1", "2", "mean", "std"]
+  assert float(table[4][table[0].index("aca")]) == pytest.approx(per_fold.mean())
+  with open(out / "predictions.csv") as f:
+    predictions = list(csv.DictReader(f))
+  assert len(predictions) == sum(f["n"] for f in lp["folds"])
+  for row in predictions[:5]:
+    probs = [float(row[f"prob_{c}"]) for c in synthetic.ZERO_SHOT_CLASSES]
+    assert abs(sum(probs) - 1) < 1e-4 and row["predicted"] == synthetic.ZERO_SHOT_CLASSES[int(np.argmax(probs))]
+  assert Image.open(out / "roc.png").size[0] > 100
+
+  # The same protocol ran inside training as the `transfer` evaluator, and wrote its reports there.
+  assert final["eval/lp/aca"] > 2 * CHANCE
+  assert os.path.isfile(os.path.join(workdir, "eval", "transfer_synthetic_lp", f"step_{STEPS}", "metrics.json"))
+
+
+@pytest.fixture(scope="module")
+def code_name_dataframe(tmp_path_factory):
+  """30 synthetic fundus images per class in a FLAIR-format CSV, the classes named by code names
+  ("grade a" ... "grade g") that carry no meaning for the text tower: zero-shot is at chance there,
+  and whatever a method scores above it, it learned from the few shots."""
+  root = tmp_path_factory.mktemp("code_names")
+  os.makedirs(root / "imgs")
+  names = {name: f"grade {chr(ord('a') + i)}" for i, name in enumerate(synthetic.CLASS_NAMES)}
+  counts = dict.fromkeys(names, 0)
+  lines, index = [",image,atributes,categories"], 0
+  while min(counts.values()) < 30:
+    example = synthetic.render_example(5, index, 32)
+    index += 1
+    name = synthetic.CLASS_NAMES[example["label"]]
+    if counts[name] == 30:
+      continue
+    counts[name] += 1
+    k = len(lines) - 1
+    Image.fromarray(example["image"]).save(root / "imgs" / f"{k}.png")
+    lines.append(f'{k},imgs/{k}.png,[],"[\'{names[name]}\']"')
+  (root / "codes.csv").write_text("\n".join(lines) + "\n")
+  return str(root), [names[n] for n in synthetic.CLASS_NAMES]
+
+
+def test_adapters_and_probe_learn_from_few_shots(trained_run, code_name_dataframe, tmp_path):
+  workdir, _ = trained_run
+  root, targets = code_name_dataframe
+  results = {}
+  for method in ("zero_shot", "lp", "clip_adapter", "tip_adapter", "tip_adapter_f"):
+    config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(
+        f"experiment=codes,method={method},shots_train=10,shots_test=50%,folds=2")
+    with config.unlocked():
+      config.checkpoint = workdir
+      config.cache_dir = str(tmp_path / "cache")
+      config.out_dir = str(tmp_path / method)
+      config.targets = targets
+      config.data.csv = os.path.join(root, "codes.csv")
+      config.data.root = root
+      config.data.image_size = 32
+      config.data.crop_foreground = False
+    results[method] = run(config)[0]["summary"]["aca"]["mean"]
+  # Same folds (seeded by their index), so every method is scored on the same test rows.
+  assert results["zero_shot"] < 1.5 * CHANCE, results
+  for method in ("lp", "clip_adapter", "tip_adapter", "tip_adapter_f"):
+    assert results[method] > results["zero_shot"] + 0.1, results
+
+
+def test_finetune_with_a_validation_split_and_lp_initialised_head(trained_run, code_name_dataframe, tmp_path):
+  workdir, _ = trained_run
+  root, targets = code_name_dataframe
+  config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(
+      "experiment=codes,method=LP+FT,shots_train=10,shots_val=5,shots_test=20%,folds=1")
+  assert config.method == "finetune" and config.finetune.lp_init and not config.project_features
+  with config.unlocked():
+    config.checkpoint = workdir
+    config.cache_dir = str(tmp_path / "cache")
+    config.out_dir = str(tmp_path / "ft")
+    config.targets = targets
+    config.data.csv = os.path.join(root, "codes.csv")
+    config.data.root = root
+    config.data.image_size = 32
+    config.data.crop_foreground = False
+    config.finetune.epochs = 3
+    config.finetune.batch_size = 8
+  result, log = run(config)
+  assert "fold 1/1: train 70, val 35, test 42" in log, log
+  assert result["summary"]["aca"]["mean"] > 2 * CHANCE, result["summary"]["aca"]
+
+
+def test_feature_cache_is_reused_and_invalidated_by_other_weights(trained_run, data_dir, tmp_path):
+  workdir, _ = trained_run
+  config = transfer_config(workdir, data_dir, tmp_path, "method=lp,shots_train=10,folds=1")
+  first, log = run(config)
+  assert not first["features_from_cache"] and os.path.isfile(first["feature_cache"])
+  second, log = run(config)
+  assert second["features_from_cache"] and "from the cache" in log
+  assert second["summary"]["aca"]["mean"] == first["summary"]["aca"]["mean"]
+  # Another checkpoint step: other vision weights, another key, a fresh extraction.
+  with config.unlocked():
+    config.step = STEPS // 2
+  earlier, _ = run(config)
+  assert not earlier["features_from_cache"] and earlier["feature_cache"] != first["feature_cache"]
+  # Augmented passes are a different preprocessing: another key too.
+  with config.unlocked():
+    config.step = -1
+    config.tta = True
+    config.augment.passes = 2
+  augmented, _ = run(config)
+  assert not augmented["features_from_cache"] and augmented["feature_cache"] != first["feature_cache"]
+
+
+def _write_dataframe(root, csv_path, n_per_class, classes, missing=()):
+  """A FLAIR-format CSV (``,image,atributes,categories``) with PNG fundus images of different sizes."""
+  os.makedirs(root / "13_FIVES" / "train", exist_ok=True)
+  lines = [",image,atributes,categories"]
+  k = 0
+  for label, name in enumerate(classes):
+    for j in range(n_per_class):
+      size = 40 + 8 * (j % 3)
+      example = synthetic.render_example(11, synthetic.CLASS_NAMES.index(name) if name in synthetic.CLASS_NAMES
+                                         else label, size)
+      rel = f"13_FIVES/train/{k}_{label}.png"
+      if rel not in missing:
+        canvas = np.zeros((size, size + 10, 3), np.uint8)  # a dark border the FOV crop removes
+        canvas[:, 5:size + 5] = example["image"]
+        Image.fromarray(canvas).save(root / rel)
+      lines.append(f'{k},{rel},[],"[\'{name}\']"')
+      k += 1
+  csv_path.write_text("\n".join(lines) + "\n")
+  return k
+
+
+def test_dataframe_experiment_reads_flair_csvs_and_reports_bad_rows(trained_run, tmp_path):
+  workdir, _ = trained_run
+  classes = ["normal", "age related macular degeneration", "diabetic retinopathy", "glaucoma"]
+  root = tmp_path / "datasets"
+  frames = tmp_path / "frames"
+  os.makedirs(frames)
+  n = _write_dataframe(root, frames / "13_FIVES.csv", 6, classes)
+  config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(
+      "experiment=13_FIVES,method=zero_shot")
+  with config.unlocked():
+    config.checkpoint = workdir
+    config.cache_dir = ""
+    config.data.dataframe_dir = str(frames)
+    config.data.root = str(root)
+    config.data.image_size = 32
+    config.data.batch_size = 8
+  result, log = run(config)
+  assert result["targets"] == classes and result["folds"][0]["n"] == n
+  assert "13_FIVES.csv (24 rows" in log
+  assert os.path.isdir(os.path.join(workdir, "eval", "transfer", "13_FIVES"))
+  # Preprocessing: FOV crop, then FLAIR's canvas resize of the longest side.
+  rows = evaluate.load_rows(config, 32)
+  image = rows.load(0)
+  assert image.shape == (32, 32, 3) and image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
+
+  # A class outside the experiment's targets names the row; missing files are listed before any work.
+  (frames / "bad.csv").write_text(",image,atributes,categories\n0,13_FIVES/train/0_0.png,[],\"['cataract']\"\n")
+  with config.unlocked():
+    config.data.csv = str(frames / "bad.csv")
+  with pytest.raises(ValueError, match="'cataract' is not a target"):
+    run(config)
+  _write_dataframe(root, frames / "missing.csv", 2, classes, missing=("13_FIVES/train/1_0.png",))
+  os.remove(root / "13_FIVES" / "train" / "1_0.png")
+  with config.unlocked():
+    config.data.csv = str(frames / "missing.csv")
+  with pytest.raises(FileNotFoundError, match=r"1 of 8 images are missing(.|\n)*row 2: .*1_0.png"):
+    run(config)
+
+
+def test_upstream_checkpoint_zero_shot_matches_the_flair_fixture(tmp_path):
+  """A FLAIR .pth (the flair_model_eval fixture's weights) through the evaluator's loader, feature
+  extractor and projection gives upstream's zero-shot probabilities."""
+  import torch
+
+  from jaxretina.models import flair
+  from jaxretina.transfer import adapters, features
+  from jaxretina.train import distributed
+
+  case = os.path.join(require_parity_dir(), "flair_model_eval")
+  with open(os.path.join(case, "meta.json")) as f:
+    meta = json.load(f)
+  weights = dict(np.load(os.path.join(case, "weights.npz")))
+  inputs = dict(np.load(os.path.join(case, "inputs.npz")))
+  outputs = dict(np.load(os.path.join(case, "outputs.npz")))
+  # Upstream's compute_logits clamps logit_scale in place before the zero-shot scores; a saved
+  # checkpoint holds the clamped value.
+  weights["logit_scale"] = np.asarray(outputs["logit_scale_after"], np.float32)
+  path = str(tmp_path / "flair.pth")
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, path)
+  text_dir = tmp_path / "bert"
+  os.makedirs(text_dir)
+  (text_dir / "config.json").write_text(json.dumps(dict(meta["bert_config"], model_type="bert")))
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  (text_dir / "vocab.txt").write_text("\n".join(specials + [f"tok{i}" for i in range(
+      meta["bert_config"]["vocab_size"] - len(specials))]) + "\n")
+
+  run_ = restore.load_two_tower(path, text_dir=str(text_dir), constructor=meta["constructor"])
+  images = np.transpose(inputs["pixel_values"], (0, 2, 3, 1)).astype(np.float32)
+  rows = features.Rows(ids=[str(i) for i in range(len(images))], categories=[["x"]] * len(images),
+                       load=lambda i: images[i], image_size=images.shape[1], fingerprint="fixture",
+                       description="flair_model_eval pixel_values")
+  feats = features.extract_features(run_, rows, mesh=distributed.make_mesh([("data", -1)]), batch_size=8,
+                                    log=lambda _: None)
+  x = features.project(run_.model, run_.variables, feats.clean, project_features=True, norm_features=True)
+  np.testing.assert_allclose(x, outputs["img_embeds"], atol=2e-5)
+  token_batches = [(inputs[f"zs_input_ids_{k}"], inputs[f"zs_attention_mask_{k}"])
+                   for k in range(outputs["zs_probs"].shape[1])]
+  with jax.default_matmul_precision("highest"):
+    protos = flair.text_prototypes(run_.model, jax.tree.map(jnp.asarray, run_.variables), token_batches)
+  probs = adapters.zero_shot_proba(x, protos, run_.variables["params"]["logit_scale"])
+  np.testing.assert_allclose(probs, outputs["zs_probs"], atol=1e-5)
+
+
+def test_bad_configs_fail_clearly(trained_run, data_dir, tmp_path):
+  workdir, _ = trained_run
+  with pytest.raises(ValueError, match="project_features=True"):
+    run(transfer_config(workdir, data_dir, tmp_path, "method=clip_adapter", project_features=False))
+  with pytest.raises(ValueError, match="config.method='svm'"):
+    run(transfer_config(workdir, data_dir, tmp_path, method="svm"))
+  with pytest.raises(ValueError, match="needs training samples"):
+    run(transfer_config(workdir, data_dir, tmp_path, "method=tip_adapter,shots_train=0%"))
+  with pytest.raises(ValueError, match="no checkpoint"):
+    run(transfer_config("", data_dir, tmp_path))
+  with pytest.raises(ValueError, match="a two-tower"):
+    classifier_dir = tmp_path / "not_two_tower"
+    shutil.copytree(workdir, classifier_dir)
+    config = json.loads((classifier_dir / "config.json").read_text())
+    config["task"] = "classification"
+    (classifier_dir / "config.json").write_text(json.dumps(config))
+    restore.load_two_tower(str(classifier_dir))
+  # The command line: an unknown experiment without targets exits with status 2 and one clear line.
+  proc = subprocess.run([sys.executable, "-m", "jaxretina.evaluate", "--config",
+                         os.path.join(REPO_ROOT, "configs", "transfer.py") + ":experiment=99_NOPE",
+                         "--checkpoint", workdir], capture_output=True, text=True, cwd=str(tmp_path),
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "evaluate: error: config.experiment='99_NOPE'" in proc.stderr
