@@ -1,4 +1,10 @@
-r"""Benchmark of a config's train step: ``python -m jaxretina.bench --config configs/keepfit.py [--steps N]``.
+r"""Benchmarks: a config's train step, or the host input pipeline.
+
+  python -m jaxretina.bench --config configs/keepfit.py [--steps N]
+  python -m jaxretina.bench --input [--input_records 512] [--input_image_size 512]
+      [--input_dataset NAME --data_dir DIR] [--input_seconds 5] [--input_repeats 3] [--json PATH]
+
+**Train step** (``--config``):
 
 Prints compile seconds, steady-state train throughput (img/s, global and per device) and peak
 memory. The step runs on one batch drawn from the config's own pipeline, repeated (compute only,
@@ -9,6 +15,13 @@ These machines have slow phases in which a process gets about one of its cores (
 the process may use; only steps where that ratio is ≥ ``--min_cpu_share`` count towards the
 median, and how many did is printed. On accelerators the ratio is not meaningful and every step
 counts.
+
+**Input** (``--input``): host-side images/s of decode + batch of pre-resized records through the
+Grain pipeline training uses (``classification_batches``), next to a plain PIL + numpy loop over
+the same encoded records in the same run, absolute, per core the process may use and per CPU-second,
+and their ratio (``jaxretina.data.input_bench``). Unless ``--input_dataset`` names a prepared
+dataset, ``--input_records`` synthetic fundus JPEGs of ``--input_image_size`` px are generated and
+built with the ``image_folder`` builder once, cached under ``--data_dir``.
 """
 
 from __future__ import annotations
@@ -23,11 +36,25 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark (train-step mode).",
+                                          lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _MIN_CPU_SHARE = flags.DEFINE_float("min_cpu_share", 0.85, "CPU-only: keep steps with cpu/(wall·cores) ≥ this.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_INPUT = flags.DEFINE_bool("input", False, "Benchmark the host input pipeline instead of a train step.")
+_INPUT_RECORDS = flags.DEFINE_integer("input_records", 512, "Input mode: records of the generated dataset.")
+_INPUT_IMAGE_SIZE = flags.DEFINE_integer("input_image_size", 512, "Input mode: image side (generated and batched).")
+_INPUT_DATASET = flags.DEFINE_string("input_dataset", None, "Input mode: a prepared dataset (name or name/config) "
+                                     "with image + label to read instead of the generated one.")
+_INPUT_SPLIT = flags.DEFINE_string("input_split", "train", "Input mode: split of --input_dataset.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Input mode: TFDS data directory (default: a cache dir, "
+                                "$XDG_CACHE_HOME/jaxretina/input_bench).")
+_INPUT_SECONDS = flags.DEFINE_float("input_seconds", 5.0, "Input mode: seconds per pipeline run.")
+_INPUT_REPEATS = flags.DEFINE_integer("input_repeats", 3, "Input mode: interleaved pipeline/plain-loop pairs.")
+_INPUT_BATCH = flags.DEFINE_integer("input_batch_size", 32, "Input mode: images per batch.")
+_INPUT_THREADS = flags.DEFINE_integer("input_threads", None, "Input mode: Grain prefetch threads (default: the "
+                                      "pipeline's own ReadOptions).")
 
 
 def _peak_memory_bytes(devices) -> tuple[int, str]:
@@ -92,8 +119,39 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float) -> dict:
   }
 
 
+def _print_input(result: dict) -> None:
+  print(f"dataset                {result['dataset']} ({result['split']}, {result['records']} records, "
+        f"{result['encoding']}, images {tuple(result['image_shape'])})")
+  if result["built"]:
+    print(f"prepared               generated in {result['generate_s']} s, built in {result['build_s']} s "
+          f"({result['build_img_per_s']} img/s, {result['build_workers']} workers); not part of the rates")
+  print(f"cores available        {result['cores_available']}  (len(os.sched_getaffinity(0)))")
+  print(f"batch / runs           {result['batch_size']} / {result['repeats']} x {result['seconds_per_run']} s, "
+        f"pipeline and plain loop interleaved")
+  for kind, settings in (("pipeline", result["pipeline_settings"]), ("plain", result["plain_settings"])):
+    r = result[kind]
+    print(f"{kind:8s} settings       {settings}")
+    print(f"{kind:8s} img/s          {r['img_per_s_median']} (runs {r['img_per_s']}), per core "
+          f"{r['img_per_s_per_core']}, per CPU-second {r['img_per_cpu_s_median']}, cores busy {r['cores_busy_median']}")
+  print(f"ratio pipeline/plain   {result['ratio_img_per_s']} (img/s), {result['ratio_img_per_cpu_s']} (per CPU-second)")
+
+
 def main(argv) -> None:
   del argv
+  if _INPUT.value:
+    from jaxretina.data import input_bench
+
+    result = input_bench.run(data_dir=_DATA_DIR.value, dataset=_INPUT_DATASET.value, split=_INPUT_SPLIT.value,
+                             num_records=_INPUT_RECORDS.value, image_size=_INPUT_IMAGE_SIZE.value,
+                             batch_size=_INPUT_BATCH.value, seconds=_INPUT_SECONDS.value,
+                             repeats=_INPUT_REPEATS.value, num_threads=_INPUT_THREADS.value)
+    _print_input(result)
+    if _JSON.value:
+      with open(_JSON.value, "w") as f:
+        json.dump(result, f, indent=2)
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (or pass --input for the input benchmark)")
   result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _MIN_CPU_SHARE.value)
   for k, v in result.items():
     print(f"{k:22s} {v}")

@@ -177,8 +177,10 @@ def _decode_image(record: dict, index: int, source, image_size: int | None, fiel
       image = Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value)
     else:
       with Image.open(io.BytesIO(bytes(value))) as opened:
-        image = opened.convert("RGB" if channels == 3 else "L")
-        image.load()
+        opened.load()
+        # Pre-resized records are usually stored in the wanted mode already: skip convert's full copy.
+        image = opened if opened.mode == ("RGB" if channels == 3 else "L") else opened.convert(
+            "RGB" if channels == 3 else "L")
     if image.mode != ("RGB" if channels == 3 else "L"):
       image = image.convert("RGB" if channels == 3 else "L")
     if image_size is not None and image.size != (image_size, image_size):

@@ -23,6 +23,7 @@ from jaxretina.datasets import mmc_amd  # noqa: F401  (registers 'mmc_amd')
 from jaxretina.datasets import gamma  # noqa: F401  (registers 'gamma')
 from jaxretina.datasets import mm_retinal  # noqa: F401  (registers 'mm_retinal')
 from jaxretina.datasets import flair_dataframe  # noqa: F401  (registers 'flair_dataframe')
+from jaxretina.datasets import image_folder  # noqa: F401  (registers 'image_folder')
 
 _log = logging.getLogger(__name__)
 

@@ -96,12 +96,16 @@ def _list() -> int:
 def _build(args, options: dict) -> int:
   import tensorflow_datasets as tfds
 
+  from jaxretina.datasets import common
+
   if args.name not in _registered_names():
     print(f"error: no dataset named {args.name!r}; jaxretina builders: {', '.join(_jaxretina_builders())}",
           file=sys.stderr)
     return _EXIT_BAD_INPUT
   if args.config:
     options["config"] = args.config
+  if args.manual_dir and issubclass(tfds.builder_cls(args.name), common.ManualRetinaBuilder):
+    options["manual_dir"] = args.manual_dir  # image_folder reads its class names from the tree at construction
   builder = tfds.builder(args.name, data_dir=args.data_dir, **options)
   label = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
   if builder.is_prepared():

@@ -7,7 +7,8 @@ the cross-cutting rules once:
 
 * the dataset root is found by content (anchor files at most 3 levels below ``manual_dir``), with
   an error listing what *was* found, naming multi-part archives that still need joining and
-  derived layouts (community mirrors, image-folder trees) the builder does not read;
+  derived layouts (community mirrors; image-folder trees, which the ``image_folder`` builder reads)
+  the builder does not read;
 * image files resolve case-insensitively, by full name first and by stem when the label file's
   extension lies; a stem matching two files is reported, never guessed;
 * CSV / XLSX headers are stripped, fully empty padding columns and blank rows dropped; OS junk
@@ -209,7 +210,9 @@ def _derived_layout_hints(manual_dir: Path, max_depth: int) -> list[str]:
     subdirs = {p.name.lower(): p for p in list_dir(folder) if p.is_dir()}
     if len(_GDRBENCH_CLASSES & set(subdirs)) >= 3:
       hints.append(f"{folder} holds GDRBench-style class folders ({sorted(_GDRBENCH_CLASSES & set(subdirs))}) of "
-                   f"preprocessed images: a derived layout, not the official download this builder reads.")
+                   f"preprocessed images: a derived layout, not the official download this builder reads. Build it "
+                   f"with the image_folder builder instead: python -m jaxretina.datasets build image_folder "
+                   f"--manual_dir '{folder}' --data_dir DIR (one split, 'train' unless --split names another).")
       break
     split_dirs = [subdirs[s] for s in ("train", "val", "test") if s in subdirs]
     if len(split_dirs) >= 2 and all(any(c.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS
@@ -217,7 +220,8 @@ def _derived_layout_hints(manual_dir: Path, max_depth: int) -> list[str]:
                                     for d in split_dirs):
       hints.append(f"{folder} is an image-folder tree (<split>/<class>/<image>, e.g. RETFound's benchmark "
                    f"splits): a derived layout with its own splits and class folders, not the official download "
-                   f"this builder reads.")
+                   f"this builder reads. Build it with the image_folder builder instead: python -m "
+                   f"jaxretina.datasets build image_folder --manual_dir '{folder}' --data_dir DIR.")
       break
   return hints
 
@@ -733,6 +737,10 @@ def _coerce(value, default, key: str, dataset: str):
     except (TypeError, ValueError):
       raise ValueError(f"{dataset}: option {key} expects an integer, got {value!r}") from None
   return str(value)
+
+
+# Builders with options outside the config machinery (flair_dataframe's) convert them the same way.
+coerce_option = _coerce
 
 
 def _suffix(key: str, value) -> str:

@@ -24,9 +24,14 @@ Builder keywords (all part of the config, so different mixes never share a direc
     per-class procedure (``splits.split_rows`` with ``shots_train``, ``shots_val``, ``shots_test``
     (``'k%'`` or a count per class) and ``fold`` (the seed)). The selection is made on the rows of
     the CSVs whose categories parse, *before* images are looked up, so it equals upstream's; a row
-    whose image is then missing is bad input of its split.
+    whose image is then missing is bad input of its split;
+  balance: experiments only: upstream's ``balance`` option (``split_rows(..., balance=True)``):
+    every class of ``train`` is oversampled to the largest one with the fold's generator (after the
+    selection, so ``validation`` / ``test`` are unchanged). A repeated row is stored once per copy:
+    the first keeps ``id`` = the ``image`` path, the k-th repeat gets ``id`` = ``<image>#k`` (TFDS
+    needs unique keys); ``file_name`` is the ``image`` path for every copy.
 The config name is ``<experiment or 'mix'>_<hash>``, the hash covering the CSV and key-map paths and
-contents and the split options.
+contents and the split options (``balance`` included when set).
 
 Features: ``image``, ``id`` = ``file_name`` = the ``image`` path as written, ``dataset`` = its first
 component exactly as written (FLAIR's description augmentation depends on it), ``categories`` /
@@ -59,7 +64,8 @@ FLAIR-format dataframes: the transferability CSVs of https://github.com/jusiro/F
 <manual_dir>/<key>/ (key = first component of the 'image' paths, e.g. 02_MESSIDOR/), or map keys to
 folders anywhere with a JSON key map: {"02_MESSIDOR": "/data/messidor", ...}. Build with
   python -m jaxretina.datasets build flair_dataframe --csv A.csv [B.csv ...] [--key_map map.json]
-      [--manual_dir ROOT] [--experiment 02_MESSIDOR --shots_train 80% --shots_test 20% --fold 0] --data_dir DIR
+      [--manual_dir ROOT] [--experiment 02_MESSIDOR --shots_train 80% --shots_test 20% --fold 0 [--balance]]
+      --data_dir DIR
 """
 
 
@@ -74,6 +80,7 @@ class FlairDataframeConfig(common.ManualRetinaConfig):
   shots_val: str = "0%"
   shots_test: str = "20%"
   fold: int = 0
+  balance: bool = False
   modality: str = "cfp"
 
 
@@ -177,7 +184,7 @@ class FlairDataframe(common.ManualRetinaBuilder):
     return self.builder_config.modality
 
   def __init__(self, *, config=None, csv=None, key_map=None, experiment=None, shots_train=None, shots_val=None,
-               shots_test=None, fold=None, **kwargs):
+               shots_test=None, fold=None, balance=None, **kwargs):
     base = config if isinstance(config, FlairDataframeConfig) else self.builder_configs["default"]
     if config is not None and not isinstance(config, FlairDataframeConfig) and config != "default":
       raise ValueError(f"flair_dataframe: configs are made from csv=/key_map=/experiment=, not by name "
@@ -189,10 +196,14 @@ class FlairDataframe(common.ManualRetinaBuilder):
               "shots_train": base.shots_train if shots_train is None else str(shots_train),
               "shots_val": base.shots_val if shots_val is None else str(shots_val),
               "shots_test": base.shots_test if shots_test is None else str(shots_test),
-              "fold": base.fold if fold is None else int(fold)}
+              "fold": base.fold if fold is None else int(fold),
+              "balance": base.balance if balance is None else common.coerce_option(balance, False, "balance",
+                                                                                    "flair_dataframe")}
     if values["experiment"] and values["experiment"] not in transfer_splits.EXPERIMENTS:
       raise ValueError(f"flair_dataframe: unknown experiment {values['experiment']!r}; known: "
                        f"{sorted(transfer_splits.EXPERIMENTS)}")
+    if values["balance"] and not values["experiment"]:
+      raise ValueError("flair_dataframe: balance=True oversamples an experiment's train split: pass experiment= too")
     if values["experiment"]:
       for key in ("shots_train", "shots_val", "shots_test"):
         transfer_splits.get_shots(values[key], 100)  # raises on a malformed specification
@@ -203,13 +214,16 @@ class FlairDataframe(common.ManualRetinaBuilder):
       if key_map:
         digest.update(f"key_map {key_map} {_file_digest(Path(key_map), 'key map')}\n".encode())
       if values["experiment"]:
-        digest.update(json.dumps(values, sort_keys=True).encode())
+        # balance enters only when set, so unbalanced experiments keep the names they had before the option.
+        hashed = {k: v for k, v in values.items() if k != "balance" or v}
+        digest.update(json.dumps(hashed, sort_keys=True).encode())
       label = values["experiment"] or "mix"
       name = "".join(c if c.isalnum() or c == "_" else "_" for c in label) + "_" + digest.hexdigest()[:12]
       described = f"{len(csvs)} dataframe(s) {[Path(p).name for p in csvs]}"
       if values["experiment"]:
         described += f", experiment {values['experiment']} (fold {values['fold']}, shots train/val/test " \
-                     f"{values['shots_train']}/{values['shots_val']}/{values['shots_test']})"
+                     f"{values['shots_train']}/{values['shots_val']}/{values['shots_test']}" \
+                     f"{', balanced train' if values['balance'] else ''})"
       config = dataclasses.replace(base, name=name, csv=json.dumps(csvs), key_map=key_map,
                                    description=described + ".", **values)
     super().__init__(config=config, **kwargs)
@@ -287,23 +301,29 @@ class FlairDataframe(common.ManualRetinaBuilder):
         labelled.append(row)
       selection = transfer_splits.split_rows(
           [{"image": k, "categories": row.categories} for k, row in enumerate(labelled)], experiment.targets,
-          shots_train=config.shots_train, shots_val=config.shots_val, shots_test=config.shots_test, seed=config.fold)
+          shots_train=config.shots_train, shots_val=config.shots_val, shots_test=config.shots_test, seed=config.fold,
+          balance=config.balance)
       chosen = {"train": selection["train"], "validation": selection["val"], "test": selection["test"]}
       plan = {split: [(labelled[s.id], s.label) for s in samples] for split, samples in chosen.items()}
       report.notes.append(f"experiment {config.experiment}, fold {config.fold}, shots train/val/test "
-                          f"{config.shots_train}/{config.shots_val}/{config.shots_test}: "
+                          f"{config.shots_train}/{config.shots_val}/{config.shots_test}"
+                          f"{' (train balanced by oversampling)' if config.balance else ''}: "
                           f"{ {k: len(v) for k, v in plan.items()} } of {len(labelled)} labelled rows")
     else:
       plan = {"train": [(row, -1) for row in rows]}
     resolver = _Resolver(manual_dir, folders)
     layout = {}
     for split, chosen_rows in plan.items():
-      items = []
+      items, copies, found = [], {}, {}
       for row, label in chosen_rows:
-        path = resolver.find(row, bad, split)
+        if row.image not in found:  # an oversampled row is looked up (and reported) once
+          found[row.image] = resolver.find(row, bad, split)
+        path = found[row.image]
         if path is None:
           continue
-        features = {"id": row.image, "file_name": row.image, "dataset": row.image.strip("/").split("/")[0],
+        copy = copies[row.image] = copies.get(row.image, -1) + 1
+        features = {"id": f"{row.image}#{copy}" if copy else row.image, "file_name": row.image,
+                    "dataset": row.image.strip("/").split("/")[0],
                     "categories": row.categories, "atributes": row.atributes, "caption": row.caption,
                     "source_csv": row.source_csv}
         if config.experiment:

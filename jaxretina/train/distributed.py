@@ -134,3 +134,21 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     raise ValueError(f"config.batch_size={global_batch_size} must be divisible by the "
                      f"{jax.process_count()} processes")
   return global_batch_size // jax.process_count()
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
+  """Blocks until every process reaches the barrier ``name`` (no-op with one process).
+
+  The barrier is the coordination service's, not a device collective: CPU collectives (Gloo) give
+  up after 30 s when one process reaches the first collective that much later than another (e.g.
+  still compiling on a loaded host), so the loop compiles its step first and meets here before
+  running it.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the client has no public accessor
+
+  client = jax_distributed.global_state.client
+  if client is None:  # processes set up by the platform itself (e.g. TPU pods without initialize())
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))

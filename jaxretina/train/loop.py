@@ -159,6 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start + 1, total + 1):
       batch = next_batch(streams, mesh)
       t0 = time.perf_counter()
+      if compile_s is None:
+        step_fn = step_fn.lower(state, batch).compile()
+        distributed.wait_for_all_processes(f"jaxretina_step_compiled_{start}")
       state, metrics = step_fn(state, batch)
       last_metrics = metrics
       if compile_s is None:
