@@ -331,6 +331,29 @@ def _categories(rng, label: int, has_preretinal: bool) -> list[str]:
   return [name] + [extra for (extra, p), u in zip(extras, draws) if u < p]
 
 
+def shade_retina(canvas, rng: np.random.Generator, center, macula, disc, disc_radius: float):
+  """Paints the retina onto ``canvas.rgb``: base colour × radial shading × illumination gradient ×
+  choroidal texture, darker macula, peripapillary glow. Returns ``(base colour (3,), r²)`` where r² is
+  the squared radius from the centre in units of the field of view (both reused by the callers)."""
+  size = canvas.rgb.shape[0]
+  ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+  u, v = (xs - center[0]) / canvas.radius, (ys - center[1]) / canvas.radius
+  r2 = u * u + v * v
+  base = np.array([rng.uniform(0.72, 0.86), rng.uniform(0.27, 0.40), rng.uniform(0.09, 0.17)], np.float32)
+  base *= rng.uniform(0.82, 1.12)
+  phi = rng.uniform(0, 2 * np.pi)
+  light = (1.0 - 0.42 * r2) * (1.0 + rng.uniform(0, 0.15) * (u * math.cos(phi) + v * math.sin(phi)))
+  texture = Image.fromarray(rng.normal(0, 1, (6, 6)).astype(np.float32), mode="F").resize((size, size),
+                                                                                          Image.Resampling.BICUBIC)
+  light = light * (1.0 + 0.04 * np.asarray(texture, np.float32))
+  dm2 = (u - macula[0]) ** 2 + (v - macula[1]) ** 2
+  light *= 1.0 - 0.33 * np.exp(-dm2 / (2 * 0.11 ** 2)) - 0.15 * np.exp(-dm2 / (2 * 0.025 ** 2))
+  dd2 = (u - disc[0]) ** 2 + (v - disc[1]) ** 2
+  light *= 1.0 + 0.25 * np.exp(-dd2 / (2 * (2.0 * disc_radius) ** 2))  # peripapillary glow
+  canvas.rgb = base * light[..., None]
+  return base, r2
+
+
 def render_example(seed: int, index: int, image_size: int) -> dict:
   """Renders example `index` of the synthetic dataset with base seed `seed`.
 
@@ -363,22 +386,7 @@ def render_example(seed: int, index: int, image_size: int) -> dict:
   disc_radius = rng.uniform(0.115, 0.135)
   cup_to_disc = rng.uniform(0.68, 0.88) if name == "glaucoma" else rng.uniform(0.2, 0.45)
 
-  # Retina: base colour x radial shading x illumination gradient x choroidal texture.
-  ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-  u, v = (xs - center[0]) / canvas.radius, (ys - center[1]) / canvas.radius
-  r2 = u * u + v * v
-  base = np.array([rng.uniform(0.72, 0.86), rng.uniform(0.27, 0.40), rng.uniform(0.09, 0.17)], np.float32)
-  base *= rng.uniform(0.82, 1.12)
-  phi = rng.uniform(0, 2 * np.pi)
-  light = (1.0 - 0.42 * r2) * (1.0 + rng.uniform(0, 0.15) * (u * math.cos(phi) + v * math.sin(phi)))
-  texture = Image.fromarray(rng.normal(0, 1, (6, 6)).astype(np.float32), mode="F").resize((size, size),
-                                                                                          Image.Resampling.BICUBIC)
-  light = light * (1.0 + 0.04 * np.asarray(texture, np.float32))
-  dm2 = (u - macula[0]) ** 2 + (v - macula[1]) ** 2
-  light *= 1.0 - 0.33 * np.exp(-dm2 / (2 * 0.11 ** 2)) - 0.15 * np.exp(-dm2 / (2 * 0.025 ** 2))
-  dd2 = (u - disc[0]) ** 2 + (v - disc[1]) ** 2
-  light *= 1.0 + 0.25 * np.exp(-dd2 / (2 * (2.0 * disc_radius) ** 2))  # peripapillary glow
-  canvas.rgb = base * light[..., None]
+  base, r2 = shade_retina(canvas, rng, center, macula, disc, disc_radius)
 
   # Optic disc and cup (the cup slightly temporal in the disc, as in real eyes).
   mask, draw = canvas.new_mask()

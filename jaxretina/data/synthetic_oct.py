@@ -51,7 +51,6 @@ classes, so every split is class-balanced (exactly, when its size is a multiple 
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -60,7 +59,8 @@ from PIL import Image
 # The fundus drawing helpers are shared with the single-modality generator on purpose: both
 # datasets show the same kind of retina.
 from jaxretina.data.synthetic import (_ARTERY_RGB, _BACKGROUND, _CUP_RGB, _DISC_RGB, _DRUSEN_RGB, _EXUDATE_RGB,
-                                      _HAEMORRHAGE_RGB, _VEIN_RGB, _Canvas, _rotate, _scatter, _vessel_tree)
+                                      _HAEMORRHAGE_RGB, _VEIN_RGB, _Canvas, _rotate, _scatter, _vessel_tree,
+                                      shade_retina)
 
 DATASET_KEY = "synthetic_fundus_oct"
 
@@ -125,22 +125,7 @@ def _render_fundus(rng, size: int, label: int, strength: float, right_eye: bool,
   disc_radius = rng.uniform(0.115, 0.135)
   cup_to_disc = rng.uniform(0.2, 0.45)
 
-  # Retina: base colour x radial shading x illumination gradient x choroidal texture (as synthetic).
-  ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-  u, v = (xs - center[0]) / canvas.radius, (ys - center[1]) / canvas.radius
-  r2 = u * u + v * v
-  base = np.array([rng.uniform(0.72, 0.86), rng.uniform(0.27, 0.40), rng.uniform(0.09, 0.17)], np.float32)
-  base *= rng.uniform(0.82, 1.12)
-  phi = rng.uniform(0, 2 * np.pi)
-  light = (1.0 - 0.42 * r2) * (1.0 + rng.uniform(0, 0.15) * (u * math.cos(phi) + v * math.sin(phi)))
-  texture = Image.fromarray(rng.normal(0, 1, (6, 6)).astype(np.float32), mode="F").resize((size, size),
-                                                                                          Image.Resampling.BICUBIC)
-  light = light * (1.0 + 0.04 * np.asarray(texture, np.float32))
-  dm2 = (u - macula[0]) ** 2 + (v - macula[1]) ** 2
-  light *= 1.0 - 0.33 * np.exp(-dm2 / (2 * 0.11 ** 2)) - 0.15 * np.exp(-dm2 / (2 * 0.025 ** 2))
-  dd2 = (u - disc[0]) ** 2 + (v - disc[1]) ** 2
-  light *= 1.0 + 0.25 * np.exp(-dd2 / (2 * (2.0 * disc_radius) ** 2))
-  canvas.rgb = base * light[..., None]
+  base, r2 = shade_retina(canvas, rng, center, macula, disc, disc_radius)
 
   mask, draw = canvas.new_mask()
   canvas.ellipse(draw, disc, disc_radius, disc_radius * rng.uniform(1.0, 1.12))
