@@ -1,15 +1,16 @@
 r"""BiRA-Net: bilinear attention net with the grading loss for diabetic-retinopathy grading.
 
 Embedded local run (no ARG): the 5 DR grades of the synthetic retina dataset (64 px; nothing
-downloaded), the bilinear two-branch net (the paper figure's design; reference-models.md §2.4 says
+downloaded), the bilinear two-branch net (the paper figure's design; docs/fidelity.md#bira-net says
 what is inferred) on small ResNet trunks, trained with the grading loss:
 
   python -m jaxretina.main --config configs/bira_net.py --workdir /tmp/bira
 
-Published recipe (``:paper``, §2.6 with the intended reading of its bugs): ResNet-50 trunks from
-torchvision weights, 610 px, input 255·x − pixel mean, horizontal flips, class-weighted sampling
-1:10:8:20:21 with replacement and 32,000 samples per epoch, SGD (lr 2e-4, momentum 0.9, weight
-decay 1e-8) with the stem, layer1 and layer2 frozen, batch 30, 10 epochs, on EyePACS:
+Published recipe (``:paper``, docs/systems.md#bira-net-training-recipe, with the intended reading
+of its bugs): ResNet-50 trunks from torchvision weights, 610 px, input 255·x − pixel mean,
+horizontal flips, class-weighted sampling 1:10:8:20:21 with replacement and 32,000 samples per
+epoch, SGD (lr 2e-4, momentum 0.9, weight decay 1e-8) with the stem, layer1 and layer2 frozen,
+batch 30, 10 epochs, on EyePACS:
 
   python -m jaxretina.datasets build eyepacs --manual_dir ~/eyepacs --data_dir /data/tfds --canvas_size 640
   python -m jaxretina.main --config configs/bira_net.py:paper --workdir /runs/bira \

@@ -10,7 +10,7 @@ single-modality heads, trained with the three-head loss:
 The evaluation reports the fused prediction and, beside it, each single-modality head
 (``metrics.json``).
 
-Released recipe (``:paper``, reference-models.md §1.4–1.5): ResNet-18 towers (torchvision weights
+Released recipe (``:paper``, docs/systems.md#crd-net-training-recipe): ResNet-18 towers (torchvision weights
 for the RGB tower), 448 px (inferred from MMC-AMD's 448² images), RandomRotation(180) per modality,
 ImageNet normalisation, SGD (lr 1e-3, momentum 0.9, no weight decay), batch 8, 150 epochs, loss
 CE(fused) + CE(fundus) + CE(OCT), on MMC-AMD paired per eye:

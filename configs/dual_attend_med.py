@@ -8,7 +8,7 @@ ROC curves, attention heatmaps and the attention-map IoU against class-activatio
 
   python -m jaxretina.main --config configs/dual_attend_med.py --workdir /tmp/dam
 
-Published recipe (``:paper``, reference-models.md §4.6): ResNet-152 (layer4 stride 1, output
+Published recipe (``:paper``, docs/systems.md#dualattendmed-training-recipe): ResNet-152 (layer4 stride 1, output
 stride 16) from torchvision weights, M = 32 attention maps, 224 px, SGD (momentum 0.9, weight
 decay 1e-5, lr 1e-3 × 0.8 every 10 epochs), batch 16, 40 epochs, crop θ 0.5 (pad 0.1), drop θ 0.5,
 λ = 1.0 / 0.5 / 0.1, auxiliary loss weight 0.01; DR grading on APTOS 2019 (5 grades):

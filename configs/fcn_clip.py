@@ -8,7 +8,7 @@ loss. Without ``--config.init.flair_checkpoint`` the frozen tower keeps its rand
 
   python -m jaxretina.main --config configs/fcn_clip.py --workdir /tmp/fcn_clip
 
-Published recipe (``:paper``, reference-models.md §5.4): FLAIR ResNet-50 tower from
+Published recipe (``:paper``, docs/systems.md#fcn-clip-training-recipe): FLAIR ResNet-50 tower from
 ``flair_resnet.pth``, 512 px, ImageNet normalisation, the notebook's class-weighted sampler and
 focal-loss weights, AdamW (lr 2e-4, weight decay 1e-3), gradient clip 2.0, batch 32, 20 epochs,
 on Messidor-2 + APTOS 2019; the 0.3-weighted contrastive term against FLAIR's class prototypes

@@ -61,7 +61,8 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict()
   c.model.attention_heads = 2
   c.model.attention_dropout = 0.5
-  # Upstream KeepFIT calls F.softmax without dim → a softmax over heads (reference-models.md §3.3.3).
+  # Upstream KeepFIT calls F.softmax without dim → a softmax over heads
+  # (docs/systems.md#keepfit-expert-revision-attention).
   # False (default) is the paper's attention over the knowledge keys.
   c.model.softmax_over_heads = False
   c.model.text_pooling = "all_positions"  # FLAIR: mean over every token incl. [PAD]; 'masked' to ignore padding

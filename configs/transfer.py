@@ -1,6 +1,7 @@
 r"""Transfer evaluation of a FLAIR / KeepFIT two-tower model (FLAIR's ``main_transferability.py``).
 
-One command per row of KeepFIT's tables (reference-models.md §3.4, §8.3):
+One command per row of KeepFIT's tables (docs/systems.md#transfer-evaluation-protocol,
+docs/systems.md#keepfit-and-flair-results):
 
   python -m jaxretina.evaluate --config configs/transfer.py:experiment=08_ODIR200x3,method=zero_shot \
     --checkpoint /weights/keepfit_flair+mm.pth --config.text_dir=/weights/Bio_ClinicalBERT \

@@ -10,8 +10,8 @@ Prints compile seconds, steady-state train throughput (img/s, global and per dev
 memory. The step runs on one batch drawn from the config's own pipeline, repeated (compute only,
 MaxText's "synthetic data" mode), so input speed does not enter the number.
 
-These machines have slow phases in which a process gets about one of its cores (see
-../shared/docs/stack-notes.md). Each step's process CPU time is divided by wall time × the cores
+Shared CPU machines can have slow phases in which a process gets about one of its cores.
+Each step's process CPU time is divided by wall time × the cores
 the process may use; only steps where that ratio is ≥ ``--min_cpu_share`` count towards the
 median, and how many did is printed. On accelerators the ratio is not meaningful and every step
 counts.

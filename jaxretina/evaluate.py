@@ -1,6 +1,6 @@
 r"""Transfer evaluation of two-tower models: ``python -m jaxretina.evaluate --config configs/transfer.py:...``.
 
-FLAIR's ``main_transferability`` protocol (reference-models.md §3.4) on frozen features extracted
+FLAIR's ``main_transferability`` protocol (docs/systems.md#transfer-evaluation-protocol) on frozen features extracted
 once and cached (``jaxretina.transfer.features``): per fold f (seeded with f, as upstream), the
 per-class train / val / test selection of ``transfer.splits``; the method (zero-shot, linear
 probe, CLIP-Adapter, Tip-Adapter, Tip-Adapter-f, full fine-tuning) fitted on the train split; its

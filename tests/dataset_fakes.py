@@ -1,4 +1,4 @@
-"""Tiny FAKE downloads of the public retinal datasets, in each official layout (datasets.md).
+"""Tiny FAKE downloads of the public retinal datasets, in each official layout (docs/datasets.md).
 
 Every ``write_<dataset>(manual_dir)`` writes a handful of 40×30 images plus label files with the
 exact headers and row formats of the real distribution, including its quirks (doubled folders,

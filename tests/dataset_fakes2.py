@@ -1,4 +1,4 @@
-"""Tiny FAKE downloads of MMC-AMD, GAMMA, MM-Retinal and FLAIR-format dataframes (datasets.md §6–§9).
+"""Tiny FAKE downloads of MMC-AMD, GAMMA, MM-Retinal and FLAIR-format dataframes (docs/datasets.md).
 
 Like ``dataset_fakes``: each ``write_<dataset>(manual_dir)`` writes a handful of small images and
 the label/caption files with the real names, headers and quirks, and returns what a correct builder

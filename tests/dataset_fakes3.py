@@ -1,4 +1,4 @@
-"""Tiny FAKE image-folder trees (datasets.md §11): RETFound benchmark splits and a GDRBench dataset.
+"""Tiny FAKE image-folder trees (docs/datasets.md#derived-layouts): RETFound benchmark splits and a GDRBench dataset.
 
 Like ``dataset_fakes``: each ``write_<layout>(manual_dir)`` writes a handful of small images in the
 real layout and returns what a correct ``image_folder`` build must produce,

@@ -241,7 +241,7 @@ def test_layout_errors_name_what_was_found(tmp_path):
   (mirror / "train_1.csv").write_text("id_code,diagnosis\n")
   with pytest.raises(common.DatasetInputError, match="community Kaggle mirror"):
     build("aptos2019", mirror, tmp_path / "d")
-  # Derived layouts (datasets.md §11) are named as such.
+  # Derived layouts (docs/datasets.md#derived-layouts) are named as such.
   for split, grade in (("train", "0"), ("train", "1"), ("val", "0"), ("val", "1")):
     fakes.write_image(tmp_path / "retfound" / "APTOS2019" / split / grade / f"{split}{grade}.png", 0)
   with pytest.raises(common.DatasetInputError, match="image-folder tree"):

@@ -1,4 +1,4 @@
-"""PNG writers and overlays (PIL), CAM / attention-IoU utilities (reference-models.md §4.8)."""
+"""PNG writers and overlays (PIL), CAM / attention-IoU utilities (docs/systems.md#dualattendmed-cam-iou-evaluation)."""
 
 import os
 

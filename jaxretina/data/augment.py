@@ -5,7 +5,7 @@ FLAIR/KeepFIT's batch augmentation ``augmentations_pretraining`` (kornia 0.6.12,
     RandomHorizontalFlip(p=0.5) → RandomAffine(degrees=5, scale=(0.9, 1.0), p=0.25)
       → ColorJitter(brightness=0.2, contrast=0.2, p=0.25)
 
-ported with kornia's semantics (reference-models.md §3.2):
+ported with kornia's semantics (docs/systems.md#flair-pretraining-data-and-prompts):
 
 * affine: angle ~ U(−5°, 5°), one isotropic scale ~ U(0.9, 1.0), about the pixel centre
   ((W−1)/2, (H−1)/2), bilinear, zeros outside. By default the pixel matrix is applied exactly. kornia's

@@ -12,7 +12,7 @@ of one random-access split (an ArrayRecord TFDS dataset) and produce the same th
   ``np.asarray``, ``np.stack`` per batch: one thread.
 
 The pipeline runs for ``seconds`` and the plain loop then decodes exactly as many images; repeats
-alternate the two so a slow phase of the machine (see ../shared/docs/stack-notes.md: a process can
+alternate the two so a slow phase of the machine (on a busy shared machine a process can
 get one of its two cores for seconds at a time) hits both. Per loop it reports images/s (wall),
 images/s per core the process may use (``len(os.sched_getaffinity(0))``), and images per CPU-second
 of the process (process CPU time over all its threads: the per-busy-core rate, the least noisy of

@@ -2,7 +2,7 @@
 
 FLAIR feeds its networks images in [0, 1] on a square zero-padded canvas: the longer side is
 resized to ``image_size`` with torchvision's *antialiased* bilinear ``Resize`` and the rest is
-padded with zeros at the right/bottom (reference-models.md §3.1, §3.2). There is no mean/std
+padded with zeros at the right/bottom (docs/systems.md#flair-pretraining-data-and-prompts). There is no mean/std
 normalisation anywhere in FLAIR/KeepFIT.
 
 The resize here reproduces torch's ``_upsample_bilinear2d_aa`` (what

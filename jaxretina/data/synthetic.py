@@ -12,14 +12,14 @@ vary per example; the diagnostic signal is the lesions and the optic cup):
 * a branching vessel tree (arteries and wider, darker veins) leaving the optic disc and arching
   around the macula; a bright optic disc with a brighter cup; a darker macula with its fovea;
 * class lesions, drawn to match the words of FLAIR's domain-knowledge dictionary
-  (reference-models.md §3.1): microaneurysms = "small red dots"; haemorrhages = "dense, dark red,
+  (docs/systems.md#flair-zero-shot-prototypes): microaneurysms = "small red dots"; haemorrhages = "dense, dark red,
   sharply outlined lesion"; hard exudates = "small white or yellowish deposits with sharp margins"
   near the macula; cotton wool spots = pale, fluffy patches; venous beading; neovascularisation =
   tufts of fine tortuous vessels; preretinal haemorrhage = a boat-shaped dark-red pool; glaucoma =
   "abnormal size of the optic cup" (cup-to-disc ratio 0.68–0.88 against 0.2–0.45); age related
   macular degeneration = drusen, "yellow deposits under the retina" around the macula.
 
-Fields per example (FLAIR dataframe conventions, reference-models.md §3.2): ``image`` uint8
+Fields per example (FLAIR dataframe conventions, docs/datasets.md#flair-format-dataframes): ``image`` uint8
 (S, S, 3); ``categories`` list[str] (keys of FLAIR's dictionary); ``atributes`` list[str] (FLAIR's
 spelling; ``[]`` or ``['clean']``); ``caption`` (expert-style free text for KeepFIT's knowledge
 stream); ``label`` (index into ``CLASS_NAMES``); ``id``; ``dataset`` (``DATASET_KEY``).

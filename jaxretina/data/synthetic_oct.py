@@ -1,7 +1,7 @@
 """Deterministic paired synthetic colour fundus + OCT B-scan eyes with MMC-AMD's four classes.
 
 The two-modality counterpart of ``jaxretina.data.synthetic`` (CRD-Net's MMC-AMD setting,
-reference-models.md §1, datasets.md §6): every example is one eye, a pure function of
+docs/systems.md#crd-net, docs/datasets.md#mmc-amd): every example is one eye, a pure function of
 ``(seed, index, image_size)``, with
 
 * ``image``: a colour fundus photograph drawn like ``synthetic`` draws its retinas (field of view,
@@ -64,7 +64,7 @@ from jaxretina.data.synthetic import (_ARTERY_RGB, _BACKGROUND, _CUP_RGB, _DISC_
 
 DATASET_KEY = "synthetic_fundus_oct"
 
-# MMC-AMD's classes in its index order (h=0, d=1, p=2, w=3; datasets.md §6), spelled out.
+# MMC-AMD's classes in its index order (h=0, d=1, p=2, w=3; docs/datasets.md#mmc-amd), spelled out.
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
     "dry age related macular degeneration",

@@ -1,4 +1,4 @@
-"""TFDS builder ``aptos2019``: APTOS 2019 Blindness Detection (Kaggle), competition layout (datasets.md §1).
+"""TFDS builder ``aptos2019``: APTOS 2019 Blindness Detection, Kaggle competition layout (docs/datasets.md#aptos-2019).
 
 Splits: ``train`` (3,662 images, ``train.csv`` grades 0–4) and ``test`` (1,928 public test images
 listed in ``test.csv``, **unlabelled**: ``label`` −1 — the labelled private test set was never

@@ -1,4 +1,4 @@
-"""Shared machinery of the manual-download retinal dataset builders (datasets.md §0).
+"""Shared machinery of the manual-download retinal dataset builders (docs/datasets.md#how-the-builders-read-a-download).
 
 Every builder of a public dataset (``aptos2019``, ``eyepacs``, ``messidor2``, ``ddr``, ``idrid``,
 ``odir5k``, ...) subclasses :class:`ManualRetinaBuilder` and only describes its layout: which
@@ -64,7 +64,7 @@ MAX_SEARCH_DEPTH = 3
 SKIP_REPORT_NAME = "skip_report.json"
 
 # The 5-grade ICDR scale shared by APTOS, EyePACS, Messidor-2, DDR and IDRiD, and FLAIR's category
-# texts for it (datasets.md §3 "FLAIR's text mapping").
+# texts for it (docs/datasets.md#flair-category-texts).
 DR_GRADE_NAMES = ("no_dr", "mild", "moderate", "severe", "proliferative")
 DR_CATEGORIES = ("no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
                  "severe diabetic retinopathy", "proliferative diabetic retinopathy")
@@ -204,7 +204,7 @@ _GDRBENCH_CLASSES = frozenset({"nodr", "mild_npdr", "moderate_npdr", "severe_npd
 
 
 def _derived_layout_hints(manual_dir: Path, max_depth: int) -> list[str]:
-  """Explanations for derived layouts users bring instead of the official download (datasets.md §11)."""
+  """Explanations for derived layouts brought instead of the official download (docs/datasets.md#derived-layouts)."""
   hints = []
   for _, folder in walk_dirs(manual_dir, max_depth):
     subdirs = {p.name.lower(): p for p in list_dir(folder) if p.is_dir()}
@@ -242,7 +242,7 @@ def check_manual_dir(manual_dir, dataset: str, instructions: str) -> Path:
 
 def find_root(manual_dir: Path, anchor_sets: Sequence[Sequence[str]], *, dataset: str,
               hints: dict[str, str] | None = None, max_depth: int = MAX_SEARCH_DEPTH) -> tuple[Path, int]:
-  """The dataset root below `manual_dir`, found by its anchor files (datasets.md §0.1).
+  """The dataset root below `manual_dir`, found by its anchor files (docs/datasets.md#finding-the-dataset-root).
 
   Args:
     manual_dir: the user's download folder (checked with `check_manual_dir` first).
@@ -312,7 +312,7 @@ def find_file(base: Path, name: str, *, dataset: str, required: bool = True,
 
 
 class ImageIndex:
-  """Images of one folder, looked up case-insensitively by file name, then by stem (datasets.md §0.2).
+  """Images of one folder, looked up case-insensitively by file name, then by stem (docs/datasets.md#image-file-names).
 
   Every lookup is remembered, so the images no label row referred to can be listed afterwards.
   """
@@ -406,7 +406,7 @@ class Table:
 
 
 def normalize_table(path: Path, raw_rows: list[list[str]], *, dataset: str) -> Table:
-  """Strips header names, drops fully empty columns (padding) and blank rows (datasets.md §0.4)."""
+  """Strips header names, drops fully empty columns (padding) and blank rows (docs/datasets.md#label-tables)."""
   raw_rows = [[("" if v is None else str(v)) for v in row] for row in raw_rows]
   first = next((i for i, row in enumerate(raw_rows) if any(v.strip() for v in row)), None)
   if first is None:
@@ -951,7 +951,7 @@ class ManualRetinaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
 
 def check_unlabelled(index: ImageIndex, split: str, bad: BadInputPolicy, label_file: Path) -> None:
-  """Reports every image of `index` that no row of `label_file` named (datasets.md: bad input)."""
+  """Reports every image of `index` no row of `label_file` named (docs/datasets.md#bad-input-and-the-skip-report)."""
   for path in index.unused():
     bad(split, "unlabelled_image", str(path), f"image has no row in {label_file} (expected one row per image)")
 

@@ -1,4 +1,4 @@
-"""TFDS builder ``ddr``: DDR (OIA-DDR) diabetic-retinopathy grading part, datasets.md §4.
+"""TFDS builder ``ddr``: DDR (OIA-DDR) diabetic-retinopathy grading part, docs/datasets.md#ddr.
 
 Splits ``train`` (6,835), ``validation`` (2,733; ``valid`` on disk), ``test`` (4,105). ``label`` is the
 grade 0–4 or 5 ``ungradable`` (kept as its own class); config ``gradable`` / ``drop_ungradable=True``

@@ -1,4 +1,4 @@
-"""TFDS builder ``eyepacs``: Kaggle Diabetic Retinopathy Detection 2015 (EyePACS), datasets.md §2.
+"""TFDS builder ``eyepacs``: Kaggle Diabetic Retinopathy Detection 2015 (EyePACS), docs/datasets.md#eyepacs.
 
 Splits (named as TFDS' ``diabetic_retinopathy_detection``):
   * ``train`` — ``train/`` with ``trainLabels.csv`` (35,126 images);

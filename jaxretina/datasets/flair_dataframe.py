@@ -1,4 +1,4 @@
-"""TFDS builder ``flair_dataframe``: any FLAIR-format dataframe(s) + local image folders (datasets.md §9).
+"""TFDS builder ``flair_dataframe``: FLAIR-format dataframes + local images (docs/datasets.md#flair-format-dataframes).
 
 Reads one or more CSVs as FLAIR / KeepFIT write them (``pandas.to_csv`` with its index column)::
 

@@ -1,4 +1,4 @@
-"""TFDS builder ``gamma``: GAMMA glaucoma grading, colour fundus + OCT volume per eye (datasets.md §7).
+"""TFDS builder ``gamma``: GAMMA glaucoma grading, colour fundus + OCT volume per eye (docs/datasets.md#gamma).
 
 Splits: ``train`` (``training/``, labels from ``glaucoma_grading_training_GT.xlsx``) and ``test``
 (``testing/`` or ``Test/``; labelled when a ``*testing_GT.xlsx`` lies in it, else ``label`` −1).

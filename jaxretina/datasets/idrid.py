@@ -1,4 +1,4 @@
-"""TFDS builder ``idrid``: IDRiD part B "Disease Grading", datasets.md §5.
+"""TFDS builder ``idrid``: IDRiD part B "Disease Grading", docs/datasets.md#idrid.
 
 Splits ``train`` (413) and ``test`` (103). Test names restart at ``IDRiD_001`` and collide with
 training names (different eyes): ids are unique only within a split.

@@ -1,4 +1,4 @@
-"""TFDS builder ``image_folder``: torchvision ``ImageFolder`` trees (datasets.md §11).
+"""TFDS builder ``image_folder``: torchvision ``ImageFolder`` trees (docs/datasets.md#derived-layouts).
 
 Two layouts, found below ``manual_dir`` (a chain of single folders left by extraction, such as
 ``APTOS2019/APTOS2019/``, is descended first):

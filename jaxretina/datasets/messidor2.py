@@ -1,6 +1,6 @@
 """TFDS builder ``messidor2``: Messidor-2 images (ADCIS) with the adjudicated grades (Krause et al. 2018).
 
-datasets.md §3. One split, ``test`` (1,748 images; Messidor-2 is an evaluation set without an
+docs/datasets.md#messidor-2. One split, ``test`` (1,748 images; Messidor-2 is an evaluation set without an
 official split — group by ``patient_id``, the examination, when splitting it).
 
 Labels: ``label`` = adjudicated ICDR grade 0–4, or 5 ``ungradable`` for the 4 images the

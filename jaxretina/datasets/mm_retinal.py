@@ -1,4 +1,4 @@
-"""TFDS builder ``mm_retinal``: MM-Retinal v1 image–caption pairs from fundus atlases (datasets.md §8).
+"""TFDS builder ``mm_retinal``: MM-Retinal v1 image–caption pairs from fundus atlases (docs/datasets.md#mm-retinal).
 
 Configs per modality: ``cfp`` (2,169 colour fundus), ``ffa`` (1,947 fluorescein angiograms), ``oct``
 (233 OCT). One split, ``train`` (MM-Retinal defines none; it is pretraining data).

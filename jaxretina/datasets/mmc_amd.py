@@ -1,4 +1,4 @@
-"""TFDS builder ``mmc_amd``: MMC-AMD colour fundus + OCT B-scan pairs for CRD-Net (datasets.md §6).
+"""TFDS builder ``mmc_amd``: MMC-AMD colour fundus + OCT B-scan pairs for CRD-Net (docs/datasets.md#mmc-amd).
 
 One record per **CFP–OCT pair of the same eye**, as CRD-Net consumes MMC-AMD: ``image`` = the colour
 fundus photograph (RGB), ``oct`` = the OCT B-scan (grey, (S, S, 1)), ``label`` over

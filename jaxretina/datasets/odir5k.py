@@ -1,4 +1,4 @@
-"""TFDS builder ``odir5k``: ODIR-5K (Ocular Disease Intelligent Recognition), datasets.md §10.
+"""TFDS builder ``odir5k``: ODIR-5K (Ocular Disease Intelligent Recognition), docs/datasets.md#odir-5k.
 
 One record per eye image. Labels are **patient-level** multi-hot over N D G C A H M O (they cover
 both eyes), so there is no single-class ``label``: ``patient_labels`` holds the multi-hot vector and

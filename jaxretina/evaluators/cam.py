@@ -1,4 +1,4 @@
-"""Class activation maps and attention-vs-CAM IoU (DualAttendMed's evaluation, reference-models.md §4.8).
+"""Class activation maps and attention-vs-CAM IoU (docs/systems.md#dualattendmed-cam-iou-evaluation).
 
 The metric: for each test image, binarise the model's attention map (mean over the M attention
 maps) at its own top 20 % and a class activation map (CAM) at its own top 20 %, and report the IoU

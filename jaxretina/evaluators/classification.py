@@ -9,7 +9,7 @@ attention-crop average) and writes, under ``<workdir>/eval/<name>/step_<N>/``: `
 models that have attention maps).
 
 ``cam_iou`` (models with ``cam_features``): IoU between the model's eval attention map and a
-class-activation map (reference-models.md §4.8). Upstream's pseudo ground truth uses a fresh,
+class-activation map (docs/systems.md#dualattendmed-cam-iou-evaluation). Upstream's pseudo ground truth uses a fresh,
 *untrained* linear head; here the head is a logistic regression fitted on the trained model's own
 layer-4 GAP features of ``cam_fit_split`` (default: the training split, at most
 ``cam_fit_examples`` examples), and the CAM is that of the true label (see

@@ -1,4 +1,4 @@
-"""Classification metrics in plain numpy, with scikit-learn's semantics (reference-models.md §1.4, §3.4, §5.4).
+"""Classification metrics in plain numpy, with scikit-learn's semantics (docs/systems.md#transfer-metrics).
 
 scikit-learn is not a run-time dependency; the tests pin every number here to it. Conventions:
 
@@ -243,7 +243,7 @@ def _binary_threshold_sweep(is_positive: np.ndarray, scores: np.ndarray) -> tupl
 
 
 def flair_metrics(labels, probs) -> dict[str, Any]:
-  """FLAIR's ``classification_metrics`` keys plus KeepFIT's additions, at full precision (§3.4).
+  """FLAIR's ``classification_metrics`` keys plus KeepFIT's additions, unrounded (docs/systems.md#transfer-metrics).
 
   FLAIR: ``kappa`` (quadratic), ``aca`` (mean per-class recall), ``acc_class``; one-vs-rest per
   class present in the labels (ascending, as ``np.unique(refs)``): ``f1_class``, ``auc_class``,

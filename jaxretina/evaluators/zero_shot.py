@@ -1,4 +1,4 @@
-"""Zero-shot classification with FLAIR's text prototypes (reference-models.md §3.1, §3.4).
+"""Zero-shot classification with FLAIR's text prototypes (docs/systems.md#flair-zero-shot-prototypes).
 
 Each class name becomes its domain-knowledge descriptions wrapped in the prompt template; the
 descriptions of one class are tokenised together (padded to the longest, as FLAIR does), encoded,

@@ -1,4 +1,4 @@
-"""Losses of WS-DAN / CAL / DualAttendMed (reference-models.md §4.5).
+"""Losses of WS-DAN / CAL / DualAttendMed (docs/systems.md#cal-losses, docs/systems.md#dualattendmed-losses).
 
 Attention maps are NHWC (B,h,w,M); feature matrices and centers are (B, M·C), M-major.
 

@@ -2,7 +2,7 @@
 
 Batched and jittable: every sample's crop box is computed on device and the crop is resized back
 with a gather, so the whole batch runs as one program and can be sharded over the batch axis.
-The arithmetic follows upstream exactly (reference-models.md §4.4):
+The arithmetic follows upstream exactly (docs/systems.md#attention-crop-and-drop):
 
 * the map is resized to the image size with ``align_corners=True`` bilinear
   (``F.upsample_bilinear``); the threshold is ``θ · max(map)`` with the max of the *un-resized*

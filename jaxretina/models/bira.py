@@ -2,7 +2,7 @@
 
 Port of the official ``ISS-Kerui/BIRA-NET-…: code/model.py`` (``KeNet``, the RA-Net) and
 ``code/train.py`` (``InterclassLoss``, the "grading loss"), plus the bilinear network of the paper
-figure, which the official repository does not implement in runnable form (reference-models.md §2).
+figure, which the official repository does not implement in runnable form (docs/systems.md#bira-net).
 
 RA-Net (``KeNet``), NHWC:
 

@@ -1,7 +1,7 @@
 """CBAM (Convolutional Block Attention Module, Woo et al. ECCV 2018) in its three upstream variants.
 
-One module, ``CBAM``, with the variant as ``mode`` (reference-models.md §6, parity README CBAM and
-FCN-CLIP notes). Everything is NHWC: input (B,H,W,C) → output (B,H,W,C).
+One module, ``CBAM``, with the variant as ``mode`` (docs/systems.md#cbam-variants,
+docs/fidelity.md#cbam). Everything is NHWC: input (B,H,W,C) → output (B,H,W,C).
 
 =============  =======================  ==============  ===============  =======================
 mode           channel MLP              pools           spatial input    spatial conv

@@ -1,6 +1,6 @@
 """OpenAI CLIP's ``ModifiedResNet`` image tower and its ``AttentionPool2d`` (``openai/CLIP: clip/model.py``).
 
-An alternative image tower for the two-tower models (reference-models.md, Appendix A). It differs
+An alternative image tower for the two-tower models (docs/systems.md#openai-clip-modifiedresnet). It differs
 from the torchvision ResNet in three places:
 
 * the stem is three 3×3 convs (``width//2, width//2, width``) followed by ``AvgPool2d(2)``;

@@ -1,6 +1,6 @@
 """CRD-Net (Liu et al., BOE 15(6):3699, 2024): two-modality retinal classification with cross-modal attention.
 
-Port of ``ZirongLiu/CRD-Net: model/CRDNet.py`` (reference-models.md §1). Two separate torchvision
+Port of ``ZirongLiu/CRD-Net: model/CRDNet.py`` (docs/systems.md#crd-net). Two separate torchvision
 ResNet towers (ResNet-18 upstream), one per modality, end in a stage-4 fusion block ``CrossGate``:
 
   x = Attention4D_x(x) + x ;  y = Attention4D_y(y) + y      (EfficientFormerV2-style attention)

@@ -1,7 +1,7 @@
 """FCN-CLIP with CBAM (ELEC 4840 final project, ``gyuminleehk/Elec-4840-Final-Project``): DR grading on FLAIR features.
 
 Port of ``FCN_CLIP``, ``CBAM``, ``FocalLoss``, ``compute_class_weights`` and the hybrid loss of the
-notebook's code cell 7 (reference-models.md §5). The "CLIP" encoder is FLAIR's image tower (a
+notebook's code cell 7 (docs/systems.md#fcn-clip). The "CLIP" encoder is FLAIR's image tower (a
 torchvision ResNet-50 + ``ProjectionLayer``), frozen:
 
   z, {L2, L3} = FLAIR vision tower(x)            (no gradient; L2/L3 = layer2/layer3 outputs)

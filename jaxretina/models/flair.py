@@ -1,6 +1,6 @@
 """FLAIR / KeepFIT two-tower vision-language model, KeepFIT's expert-revision attention, their losses.
 
-One module, ``TwoTower``, serves both systems (reference-models.md §3.1, §3.3): a torchvision ResNet
+One module, ``TwoTower``, serves both systems (docs/systems.md#flair, #keepfit): a torchvision ResNet
 image tower and a BERT text tower, each followed by FLAIR's ``ProjectionLayer``; KeepFIT adds the
 ``MultiHeadAttention`` that "revises" image embeddings with an expert-knowledge batch
 (``knowledge_attention=True``).
@@ -245,7 +245,10 @@ class TextModel(nn.Module):
   dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False,
+               pool_lengths: jax.Array | None = None) -> jax.Array:
+    """``pool_lengths``: (B,) the length each row's upstream batch was padded to (its longest text);
+    None = the longest text of this call's batch. Only ``"all_positions"`` pooling depends on it."""
     if self.pooling not in TEXT_POOLINGS:
       raise ValueError(f"TextModel.pooling={self.pooling!r}: expected one of {TEXT_POOLINGS}")
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
@@ -260,7 +263,15 @@ class TextModel(nn.Module):
                        f"{len(hidden) - 1} layer(s), at least 2 are needed")
     stacked = jnp.stack([hidden[1], hidden[2], hidden[-1]]).astype(jnp.float32)  # (3, B, L, H)
     if self.pooling == "all_positions":
-      per_layer = jnp.mean(stacked, axis=2)
+      # Upstream pads each batch to its longest text and averages over every position of that
+      # padding. Positions past it only exist here because our batches have a static length; the
+      # attention mask keeps the states below it identical, so averaging over them is exact.
+      if pool_lengths is None:
+        pool_lengths = jnp.max(jnp.sum(attention_mask.astype(jnp.int32), axis=-1))
+      pool_lengths = jnp.broadcast_to(jnp.asarray(pool_lengths, jnp.int32), input_ids.shape[:1])
+      keep = (jnp.arange(input_ids.shape[1])[None, :] < pool_lengths[:, None]).astype(jnp.float32)
+      per_layer = (jnp.sum(stacked * keep[None, :, :, None], axis=2)
+                   / jnp.maximum(pool_lengths.astype(jnp.float32), 1.0)[None, :, None])
     else:
       mask = attention_mask.astype(jnp.float32)[None, :, :, None]
       per_layer = jnp.sum(stacked * mask, axis=2) / jnp.maximum(jnp.sum(mask, axis=2), 1.0)
@@ -370,8 +381,9 @@ class TwoTower(nn.Module):
     attention_heads, attention_dropout: its heads (2) and weight dropout (0.5).
     softmax_over_heads: upstream KeepFIT bug flag, see ``MultiHeadAttention``. Parity sets True.
     text_pooling: ``"all_positions"`` = FLAIR's unmasked mean over every position including
-      ``[PAD]`` (upstream; an embedding then depends on the padded length of its batch);
-      ``"masked"`` = mean over real tokens only.
+      ``[PAD]`` up to the batch's longest text (upstream pads each batch to its longest text, so an
+      embedding depends on the batch it was tokenised in; static-length batches here pool exactly
+      that many positions); ``"masked"`` = mean over real tokens only.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters, embeddings and losses stay float32.
   """
 
@@ -414,22 +426,40 @@ class TwoTower(nn.Module):
       raise ValueError(f"TwoTower.encode_image: expected NHWC images (B, H, W, C), got shape {images.shape}")
     return self.vision_model(images, train=train)
 
-  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
-    """(B, L) int token ids and 0/1 mask → (B, proj_dim) float32."""
-    return self.text_model(input_ids, attention_mask, train=train)
+  def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False,
+                  pool_lengths: jax.Array | None = None) -> jax.Array:
+    """(B, L) int token ids and 0/1 mask → (B, proj_dim) float32.
+
+    ``pool_lengths`` (B,): per row, the padded length of the batch upstream would have tokenised it
+    in (``TextModel``); None = this batch's longest text, as upstream's ``padding=True``.
+    """
+    return self.text_model(input_ids, attention_mask, train=train, pool_lengths=pool_lengths)
 
   def revise(self, img_emb: jax.Array, kd_img_emb: jax.Array, kd_txt_emb: jax.Array, train: bool = False,
-             dropout_keep: jax.Array | None = None) -> jax.Array:
-    """KeepFIT's expert revision R = MHA(query=I, key=I_k, value=T_k) as one sequence (batch 1).
+             dropout_keep: jax.Array | None = None, groups: int = 1) -> jax.Array:
+    """KeepFIT's expert revision R = MHA(query=I, key=I_k, value=T_k), one sequence per group.
 
-    (B, P), (B_k, P), (B_k, P) → (B, P) float32. ``dropout_keep``: optional injected dropout draw
-    (1, h, B, B_k).
+    (B, P), (B_k, P), (B_k, P) → (B, P) float32. ``groups`` splits both batches into equal
+    consecutive slices and attends each query slice to its own knowledge slice only, as upstream's
+    DDP ranks do (each rank's attention is one batch-1 sequence of its local queries and keys).
+    ``dropout_keep``: optional injected dropout draw (1, h, B, B_k), only with one group.
     """
     if not self.knowledge_attention:
       raise ValueError("TwoTower.revise needs knowledge_attention=True (KeepFIT)")
-    out, _ = self.attention(img_emb[None], kd_img_emb[None], kd_txt_emb[None], deterministic=not train,
-                            dropout_keep=dropout_keep)
-    return out[0].astype(jnp.float32)
+    if groups == 1:
+      out, _ = self.attention(img_emb[None], kd_img_emb[None], kd_txt_emb[None], deterministic=not train,
+                              dropout_keep=dropout_keep)
+      return out[0].astype(jnp.float32)
+    if img_emb.shape[0] % groups or kd_img_emb.shape[0] % groups or dropout_keep is not None:
+      raise ValueError(f"TwoTower.revise: {groups} groups need batches divisible by it (got {img_emb.shape[0]} "
+                       f"queries, {kd_img_emb.shape[0]} knowledge pairs) and no injected dropout")
+    q = img_emb.reshape(groups, -1, img_emb.shape[-1])
+    k = kd_img_emb.reshape(groups, -1, kd_img_emb.shape[-1])
+    v = kd_txt_emb.reshape(groups, -1, kd_txt_emb.shape[-1])
+    # One batch-1 call per group: with softmax_over_heads the softmax must not span groups.
+    outs = [self.attention(q[g:g + 1], k[g:g + 1], v[g:g + 1], deterministic=not train)[0][0]
+            for g in range(groups)]
+    return jnp.concatenate(outs).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
                train: bool = False) -> tuple[jax.Array, jax.Array]:

@@ -1,7 +1,7 @@
 """Building blocks with PyTorch semantics, shared by every ported model.
 
 Everything here is NHWC. The differences from stock Flax that matter for numerical parity
-(../shared/docs/reference-models.md §0.1) are handled once, here:
+(docs/fidelity.md#numerical-conventions) are handled once, here:
 
 * ``BatchNorm`` keeps torch's running-statistics rule: normalise with the biased batch variance,
   store the *unbiased* one, ``momentum`` in torch's convention (new = (1-m)·old + m·batch), and a

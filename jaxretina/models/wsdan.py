@@ -1,6 +1,6 @@
 """WS-DAN / CAL / DualAttendMed: attention heads, Bilinear Attention Pooling, the full model, centers.
 
-reference-models.md §4. Upstream: ``raoyongming/CAL: fgvc/models/cal.py`` (``WSDAN_CAL``, ``BAP``),
+docs/systems.md#ws-dan-family. Upstream: ``raoyongming/CAL: fgvc/models/cal.py`` (``WSDAN_CAL``, ``BAP``),
 ``JunaidAbbas517/DualAttendMed: models/cal.py`` (the same plus ``ChannelAttention``), their
 ``models/resnet.py`` backbone and the feature-center updates of their ``train_distributed.py``.
 Everything is NHWC; attention maps are (B,h,w,M).

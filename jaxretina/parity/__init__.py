@@ -1,6 +1,6 @@
 """Numerical parity against fixtures produced by the real upstream PyTorch code.
 
-A fixture directory (format: ``../shared/parity/README.md``) holds ``meta.json``, ``weights.npz``
+A fixture directory (format: ``docs/parity.md``) holds ``meta.json``, ``weights.npz``
 (the upstream ``state_dict``), ``inputs.npz`` (including ``rng/*`` draws made inside upstream
 forwards) and ``outputs.npz``. A *handler* builds the jaxretina module from ``meta.json``,
 converts the weights, runs the inputs and returns every output in the fixture's layout (NCHW for

@@ -1,6 +1,6 @@
 """``python -m jaxretina.parity PATH [PATH ...]``: run parity fixtures (or HF BERT directories).
 
-Each PATH is a fixture directory in the ``../shared/parity`` format, or a Hugging Face BERT
+Each PATH is a fixture directory in the format of ``docs/parity.md``, or a Hugging Face BERT
 directory (``config.json`` + weights), which compares jaxretina's BERT with transformers' PyTorch
 ``BertModel`` on a fixed batch. Prints one line per case with its worst error, then
 ``N passed, M failed``; exits 0 only if every case passed.

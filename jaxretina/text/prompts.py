@@ -2,7 +2,7 @@
 
 Ports ``flair/pretraining/data/transforms.py: ProduceDescription, AugmentDescription``, the banned-category
 filter of ``flair/pretraining/data/dataloader.py: get_loader`` (KeepFIT: exact match) and the description
-lists built by ``FLAIRModel.compute_text_embeddings`` (reference-models.md §3.1–3.2).
+lists built by ``FLAIRModel.compute_text_embeddings`` (docs/systems.md#flair).
 
 Randomness comes from an explicit ``numpy.random.Generator`` instead of Python's global ``random``: the
 distribution is the same (one uniform draw among the candidates), the exact draws are not.

@@ -120,12 +120,31 @@ def frozen_mask(params: Any, patterns: list[str]) -> Any:
   return traverse_util.unflatten_dict(mask, sep="/")
 
 
+def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None, data_dir: str | None = None,
+               builder_kwargs=None):
+  """A split of ``config.data`` ``d``'s dataset (or another), label subset applied, built if allowed."""
+  from jaxretina.data import pipeline
+
+  name = name or d.name
+  data_dir = data_dir or d.data_dir
+  kwargs = dict(builder_kwargs or d.get("builder_kwargs") or {})
+  if d.get("build_if_missing", False):
+    from jaxretina import datasets
+
+    datasets.ensure_built(name, data_dir, **kwargs)
+  source = pipeline.open_source(name, split, data_dir, kwargs)
+  subset = d.get("label_subset")
+  if subset:
+    source = pipeline.LabelSubset(source, list(subset))
+  return source
+
+
 class ClassificationTask:
   """The classification task bundle (see ``jaxretina.train.loop.Task``)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh):
-    from jaxretina.data import pipeline
-
+  def __init__(self, config: ml_collections.ConfigDict, mesh, train_labels: np.ndarray, train_source=None):
+    """``train_labels``: the training split's labels (sampling weights, epoch length, the classifier's
+    label-derived constants). It opens no data; ``make_classification_task`` opens the split."""
     self.config = config
     self.mesh = mesh
     d = config.data
@@ -137,9 +156,9 @@ class ClassificationTask:
                        f"{self.num_classes}")
     self.global_batch_size = int(config.batch_size)
     self.local_batch_size = distributed.local_batch_size(self.global_batch_size, mesh)
-    self.train_source = self.open_split(d.train_split)
+    self.train_source = train_source
     self.classifier = classifiers.build(config, self.num_classes, self.fields)
-    train_labels = pipeline.record_labels(self.train_source, self.num_classes)
+    train_labels = np.asarray(train_labels)
     if hasattr(self.classifier, "set_training_labels"):
       self.classifier.set_training_labels(train_labels, self.num_classes)
     if hasattr(self.classifier, "prepare"):
@@ -156,26 +175,12 @@ class ClassificationTask:
     self.tx = optim.make_optimizer(config.optimizer, self.schedule, trainable)
     counts = np.bincount(train_labels, minlength=self.num_classes)
     logging.info("classification task %s: %d train examples (per class %s), %d steps/epoch, %d steps",
-                 config.model.name, len(self.train_source), counts.tolist(), self.steps_per_epoch, self.total_steps)
+                 config.model.name, len(train_labels), counts.tolist(), self.steps_per_epoch, self.total_steps)
 
   # ------------------------------------------------------------------ data
   def open_split(self, split: str, name: str | None = None, data_dir: str | None = None, builder_kwargs=None):
     """A split of ``config.data``'s dataset (or another), label subset applied, built if allowed."""
-    from jaxretina.data import pipeline
-
-    d = self.config.data
-    name = name or d.name
-    data_dir = data_dir or d.data_dir
-    kwargs = dict(builder_kwargs or d.get("builder_kwargs") or {})
-    if d.get("build_if_missing", False):
-      from jaxretina import datasets
-
-      datasets.ensure_built(name, data_dir, **kwargs)
-    source = pipeline.open_source(name, split, data_dir, kwargs)
-    subset = d.get("label_subset")
-    if subset:
-      source = pipeline.LabelSubset(source, list(subset))
-    return source
+    return open_split(self.config.data, split, name, data_dir, builder_kwargs)
 
   def _sampling(self, train_labels: np.ndarray) -> tuple[list[float] | None, int]:
     """``config.data.sampling``: ``class_weights`` None (epochs of a shuffled order), a list (one
@@ -301,10 +306,10 @@ class ClassificationTask:
     return convert.convert_state_dict(state_dict, target, rename=rename, source=path), extras
 
   # ------------------------------------------------------------------ step
-  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    rng, aug_rng, model_rng = jax.random.split(state.rng, 3)
-    inputs = self.prepare_inputs(batch, aug_rng)
-    labels = batch["label"]
+  def step_on_inputs(self, state: TrainState, inputs: Mapping[str, jax.Array], labels: jax.Array,
+                     model_rng: jax.Array):
+    """One optimisation step on prepared (normalised, augmented) inputs → ``(new_state, metrics,
+    gradients before clipping)``. ``inputs`` may carry the classifier's injected random draws."""
     epoch = state.step // self.steps_per_epoch
 
     def loss_fn(params):
@@ -312,13 +317,17 @@ class ClassificationTask:
       return self.classifier.loss(variables, state.extra, inputs, labels, model_rng, epoch)
 
     (loss, (metrics, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new_state = optim.apply_gradients(state, grads, self.tx, batch_stats=batch_stats, extra=extra)
     grad_norm = optax.global_norm(grads)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step),
                    all_finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                         rng=rng, extra=extra), metrics
+    return new_state, metrics, grads
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng, aug_rng, model_rng = jax.random.split(state.rng, 3)
+    new_state, metrics, _ = self.step_on_inputs(state, self.prepare_inputs(batch, aug_rng), batch["label"],
+                                                model_rng)
+    return new_state.replace(rng=rng), metrics
 
   def predict(self, variables, batch) -> dict[str, jax.Array]:
     """Evaluation outputs of a uint8 batch: ``logits`` (B, K) [+ ``attention`` (B, h, w)]."""
@@ -334,4 +343,9 @@ class ClassificationTask:
 
 @register_task("classification")
 def make_classification_task(config, mesh) -> ClassificationTask:
-  return ClassificationTask(config, mesh)
+  """The task on ``config.data``'s training split (label subset applied, built if allowed)."""
+  from jaxretina.data import pipeline
+
+  num_classes = int(config.data.num_classes)
+  source = open_split(config.data, config.data.train_split)
+  return ClassificationTask(config, mesh, pipeline.record_labels(source, num_classes), train_source=source)

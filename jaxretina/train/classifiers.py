@@ -3,15 +3,15 @@
 A *classifier* turns one batch of prepared inputs (a dict of normalised NHWC float images per
 modality) into the training loss, and into evaluation logits; the trainer
 (``jaxretina.train.classification``) owns everything else. Each one reproduces its upstream
-training step (reference-models.md):
+training step (docs/systems.md):
 
-* ``wsdan`` — DualAttendMed (default) or CAL (``model.variant='cal'``), §4: raw pass → feature
+* ``wsdan`` — DualAttendMed (default) or CAL (``model.variant='cal'``): raw pass → feature
   center update → attention crop (map 0) and drop (map 1) → one pass over [crop; drop] → the
   composite loss; evaluation averages the raw and attention-crop logits as upstream validates.
-* ``crd_net`` — CRD-Net, §1: two modalities, three heads, ``w·CE`` over the three.
-* ``bira_net`` — BiRA-Net, §2: the bilinear net (``model.variant='bira_net'``) or the coded RA-Net
+* ``crd_net`` — CRD-Net: two modalities, three heads, ``w·CE`` over the three.
+* ``bira_net`` — BiRA-Net: the bilinear net (``model.variant='bira_net'``) or the coded RA-Net
   (``'ra_net'``), with the grading loss (``loss.name='grading'``) or plain CE.
-* ``fcn_clip`` — FCN-CLIP + CBAM, §5: frozen FLAIR image tower, FCN decoder, CBAM, focal loss
+* ``fcn_clip`` — FCN-CLIP + CBAM: frozen FLAIR image tower, FCN decoder, CBAM, focal loss
   (+ the gradient-free contrastive term when class prototypes are available).
 
 Interface (duck-typed): ``fields`` (input names, in model order), ``module``,
@@ -90,7 +90,7 @@ def _backbone(cfg: Mapping[str, Any], dtype) -> resnet.ResNet:
 
 @register("wsdan")
 class WSDANClassifier:
-  """DualAttendMed / CAL on one image modality (reference-models.md §4).
+  """DualAttendMed / CAL on one image modality (docs/systems.md#dualattendmed, #cal).
 
   ``config.model``: ``variant`` ('dualattendmed' | 'cal'), ``backbone_layers`` (Bottleneck blocks per
   stage; ResNet-152 = [3, 8, 36, 3]), ``backbone_base_width``, ``num_attentions`` (M), the upstream
@@ -199,7 +199,7 @@ class WSDANClassifier:
 
 @register("crd_net")
 class CRDNetClassifier:
-  """CRD-Net on two modalities (reference-models.md §1).
+  """CRD-Net on two modalities (docs/systems.md#crd-net).
 
   ``config.data.fields`` names the two image fields in model order (x = fundus, y = OCT/FFA);
   ``config.model``: ``backbone_block``/``backbone_layers``/``backbone_base_width`` (ResNet-18:
@@ -257,7 +257,7 @@ class CRDNetClassifier:
 
 @register("bira_net")
 class BiRAClassifier:
-  """BiRA-Net (reference-models.md §2).
+  """BiRA-Net (docs/systems.md#bira-net).
 
   ``config.model``: ``variant`` ('bira_net': the paper's bilinear net | 'ra_net': the coded RA-Net),
   ``backbone`` (ResNet fields: block, layers, base_width), ``dropout_rate`` (RA-Net head),
@@ -336,7 +336,7 @@ def _sown(tree: Mapping[str, Any], name: str) -> list[jax.Array]:
 
 @register("fcn_clip")
 class FCNCLIPClassifier:
-  """FCN-CLIP + CBAM on a frozen FLAIR image tower (reference-models.md §5).
+  """FCN-CLIP + CBAM on a frozen FLAIR image tower (docs/systems.md#fcn-clip).
 
   ``config.model``: ``vision`` (ResNet fields of the FLAIR tower), ``proj_dim``, ``use_fusion``,
   ``decoder_channels``, ``dropout_rate``, and the upstream quirks ``double_cbam_gating``,

@@ -6,13 +6,19 @@ One step (KeepFIT, ``train_epoch_with_KD_loss_Atte_s``; FLAIR is the same with `
   I_k = f_img(kd images)      T_k = f_txt(kd caption tokens)   L_kd   = softCLIP(T_k·I_kᵀ·e^s, targets_kd)
   R = MHA(query=I, key=I_k, value=T_k)                         L = L_main + L_kd + w·MSE(T, R)
 
-then AdamW with FLAIR's per-iteration warm-up/cosine, global-norm clipping, and the logit scale
-clamped to [0, ln 100] after the update as upstream clamps it in place.
+with the logit scale clamped in place to [0, ln 100] before the forward (the gradient, weight decay
+and update act on the clamped value), then global-norm clipping and AdamW with FLAIR's
+per-iteration warm-up/cosine.
+
+Text embeddings pool over the positions up to the longest text of the batch they were tokenised
+in, as upstream's ``padding=True`` batches do (``flair.TextModel``), although our batches are padded
+to a static ``config.text.max_length``.
 
 Upstream runs DDP with per-rank losses and per-rank BatchNorm; here the step is one jitted program
-over the global batch. ``config.loss.contrastive_scope='per_device'`` reproduces per-rank
-contrastive losses (the batch is split into as many groups as there are data shards); BatchNorm
-statistics are always global (SyncBN-like).
+over the global batch. ``config.loss.contrastive_scope='per_device'`` reproduces upstream's ranks:
+the batch is split into as many groups as there are data shards, and each group has its own
+contrastive losses, its own expert-revision attention (its queries attend to its own knowledge
+pairs only) and its own text padding length. BatchNorm statistics are always global (SyncBN-like).
 """
 
 from __future__ import annotations
@@ -82,19 +88,27 @@ def build_model(config: ml_collections.ConfigDict, text_config: bert_lib.BertCon
 
 
 def grouped_softce(logits_fn, img, txt, target_fn, groups: int) -> jax.Array:
-  """Soft-target CLIP loss over ``groups`` equal slices of the batch (1 = the global batch)."""
+  """Soft-target CLIP loss over ``groups`` equal slices of the batch (1 = the global batch).
+
+  ``target_fn(rows, n)`` gives the (n, n) targets of the rows ``rows``.
+  """
   if groups == 1:
-    return flair.softce_clip_loss(logits_fn(txt, img), target_fn(slice(None)))
+    return flair.softce_clip_loss(logits_fn(txt, img), target_fn(slice(None), img.shape[0]))
   b = img.shape[0] // groups
   losses = [flair.softce_clip_loss(logits_fn(txt[g * b:(g + 1) * b], img[g * b:(g + 1) * b]),
-                                   target_fn(slice(g * b, (g + 1) * b))) for g in range(groups)]
+                                   target_fn(slice(g * b, (g + 1) * b), b)) for g in range(groups)]
   return jnp.mean(jnp.stack(losses))
 
 
 class ContrastiveTask:
-  """The contrastive task bundle the loop runs (see ``jaxretina.train.loop.Task``)."""
+  """The contrastive task bundle the loop runs (see ``jaxretina.train.loop.Task``).
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh):
+  Built from the config and the size of the training split; it opens no data until
+  ``data_streams`` (``make_contrastive_task`` opens the split for the loop), so the step can be
+  built and run on given inputs (the train-step parity handlers do).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, num_train_examples: int, train_source=None):
     self.config = config
     self.mesh = mesh
     self.tokenizer = build_tokenizer(config.text)
@@ -102,28 +116,15 @@ class ContrastiveTask:
     self.model = build_model(config, self.text_config)
     self.global_batch_size = int(config.batch_size)
     self.local_batch_size = distributed.local_batch_size(self.global_batch_size, mesh)
-
-    from jaxretina.data import pipeline
-
-    d = config.data
-    self._ensure_built()
-    self.train_source = pipeline.open_source(d.name, d.train_split, d.data_dir, dict(d.get("builder_kwargs") or {}))
-    n_train = len(self.train_source)
-    self.steps_per_epoch = max(n_train // self.global_batch_size, 1)
+    self.train_source = train_source
+    self.steps_per_epoch = max(int(num_train_examples) // self.global_batch_size, 1)
     epochs = config.epochs - config.get("start_epoch", 0)
     self.total_steps = int(config.get("total_steps") or math.ceil(epochs * self.steps_per_epoch))
     self.schedule = optim.make_schedule(config.schedule, self.steps_per_epoch, self.total_steps)
     self.tx = optim.make_optimizer(config.optimizer, self.schedule)
     self.groups = distributed.num_data_shards(mesh) if config.loss.get("contrastive_scope") == "per_device" else 1
-    logging.info("contrastive task: %d train examples, %d steps/epoch, %d steps", n_train, self.steps_per_epoch,
-                 self.total_steps)
-
-  def _ensure_built(self):
-    d = self.config.data
-    if d.get("build_if_missing", False):
-      from jaxretina import datasets
-
-      datasets.ensure_built(d.name, d.data_dir, **dict(d.get("builder_kwargs") or {}))
+    logging.info("contrastive task: %d train examples, %d steps/epoch, %d steps", num_train_examples,
+                 self.steps_per_epoch, self.total_steps)
 
   # ------------------------------------------------------------------ state
   def _dummy_inputs(self):
@@ -193,64 +194,104 @@ class ContrastiveTask:
   def learning_rate(self, step):
     return self.schedule(step)
 
-  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+  def prepare_inputs(self, batch, key: jax.Array) -> dict[str, jax.Array]:
+    """A loader batch → the step's inputs: images as floats in [0, 1] (the main batch augmented,
+    the knowledge batch not: KeepFIT does not augment it), tokens, and the category ids the soft
+    targets are built from."""
     c = self.config
-    rng, aug_rng, drop_rng = jax.random.split(state.rng, 3)
     images = batch["image"].astype(jnp.float32) / 255.0
     if c.get("augment", "flair") == "flair":
       from jaxretina.data.augment import flair_augment
 
-      images = flair_augment(aug_rng, images)
+      images = flair_augment(key, images)
+    inputs = {"images": images, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "category_id": batch["category_id"]}
+    if c.kd.enabled:
+      inputs.update(kd_images=batch["kd/image"].astype(jnp.float32) / 255.0, kd_input_ids=batch["kd/input_ids"],
+                    kd_attention_mask=batch["kd/attention_mask"])
+      if c.kd.targets != "identity":
+        inputs["kd_category_id"] = batch["kd/category_id"]
+    return inputs
+
+  def _targets(self, inputs, prefix: str, rows: slice, n: int) -> jax.Array:
+    """Soft targets of one contrastive group: given (``<prefix>target``), co-occurrence of the
+    group's categories, or identity (KeepFIT's knowledge pairs)."""
+    if f"{prefix}target" in inputs:
+      if self.groups != 1:
+        raise ValueError("explicit contrastive targets need config.loss.contrastive_scope='global'")
+      return inputs[f"{prefix}target"]
+    if f"{prefix}category_id" in inputs:
+      return flair.cooccurrence_targets(inputs[f"{prefix}category_id"][rows])
+    return flair.identity_targets(n)
+
+  def _pool_lengths(self, attention_mask: jax.Array) -> jax.Array | None:
+    """Per row, the longest text of its contrastive group: upstream tokenises each rank's batch
+    with ``padding=True``, so that is the length its text pooling averages over."""
+    if self.groups == 1:
+      return None
+    lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1).reshape(self.groups, -1)
+    return jnp.repeat(jnp.max(lengths, axis=-1), attention_mask.shape[0] // self.groups)
+
+  def loss_fn(self, params, batch_stats, inputs, dropout_rng):
+    """The objective on prepared inputs → ``(loss, (metrics, new batch_stats))``.
+
+    The logit scale enters as it is: the step clamps the parameter before differentiating, as
+    upstream clamps ``logit_scale.data`` in place before its forward.
+    """
+    c = self.config
     kd = c.kd.enabled
-    if kd:
-      kd_images = batch["kd/image"].astype(jnp.float32) / 255.0  # KeepFIT does not augment the KD batch
+    groups = self.groups
 
-    def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats}
-
-      def forward(m):
-        img = m.encode_image(images, train=True)
-        txt = m.encode_text(batch["input_ids"], batch["attention_mask"], train=True)
-        out = {"img": img, "txt": txt}
-        if kd:
-          out["kd_img"] = m.encode_image(kd_images, train=True)
-          out["kd_txt"] = m.encode_text(batch["kd/input_ids"], batch["kd/attention_mask"], train=True)
-          out["revised"] = m.revise(img, out["kd_img"], out["kd_txt"], train=True)
-        return out
-
-      out, new_vars = self.model.apply(variables, method=forward, mutable=["batch_stats"],
-                                       rngs={"dropout": drop_rng})
-      scale = flair.clamp_logit_scale(params["logit_scale"])
-      logits_fn = lambda t, i: flair.logits_per_text(t, i, scale)  # noqa: E731
-      cats = batch["category_id"]
-      loss_main = grouped_softce(logits_fn, out["img"], out["txt"],
-                                 lambda s: flair.cooccurrence_targets(cats[s]), self.groups)
-      metrics = {"loss_main": loss_main}
-      loss = loss_main
+    def forward(m):
+      img = m.encode_image(inputs["images"], train=True)
+      txt = m.encode_text(inputs["input_ids"], inputs["attention_mask"], train=True,
+                          pool_lengths=self._pool_lengths(inputs["attention_mask"]))
+      out = {"img": img, "txt": txt}
       if kd:
-        if c.kd.targets == "identity":
-          kd_target = lambda s: flair.identity_targets(out["kd_img"][s].shape[0])  # noqa: E731
-        else:
-          kd_cats = batch["kd/category_id"]
-          kd_target = lambda s: flair.cooccurrence_targets(kd_cats[s])  # noqa: E731
-        loss_kd = grouped_softce(logits_fn, out["kd_img"], out["kd_txt"], kd_target, self.groups)
-        loss_revision = jnp.mean(jnp.square(out["txt"].astype(jnp.float32) - out["revised"].astype(jnp.float32)))
-        loss = loss + loss_kd + c.kd.weight * loss_revision
-        metrics.update(loss_kd=loss_kd, loss_revision=loss_revision)
-      metrics["loss"] = loss
-      return loss, (metrics, new_vars["batch_stats"])
+        out["kd_img"] = m.encode_image(inputs["kd_images"], train=True)
+        out["kd_txt"] = m.encode_text(inputs["kd_input_ids"], inputs["kd_attention_mask"], train=True,
+                                      pool_lengths=self._pool_lengths(inputs["kd_attention_mask"]))
+        out["revised"] = m.revise(img, out["kd_img"], out["kd_txt"], train=True, groups=groups)
+      return out
 
-    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params = dict(params, logit_scale=flair.clamp_logit_scale(params["logit_scale"]))
+    variables = {"params": params, "batch_stats": batch_stats}
+    out, new_vars = self.model.apply(variables, method=forward, mutable=["batch_stats"],
+                                     rngs={"dropout": dropout_rng})
+    logits_fn = lambda t, i: flair.logits_per_text(t, i, params["logit_scale"])  # noqa: E731
+    loss_main = grouped_softce(logits_fn, out["img"], out["txt"],
+                               lambda s, n: self._targets(inputs, "", s, n), groups)
+    metrics = {"loss_main": loss_main}
+    loss = loss_main
+    if kd:
+      loss_kd = grouped_softce(logits_fn, out["kd_img"], out["kd_txt"],
+                               lambda s, n: self._targets(inputs, "kd_", s, n), groups)
+      loss_revision = jnp.mean(jnp.square(out["txt"].astype(jnp.float32) - out["revised"].astype(jnp.float32)))
+      loss = loss + loss_kd + c.kd.weight * loss_revision
+      metrics.update(loss_kd=loss_kd, loss_revision=loss_revision)
+    metrics["loss"] = loss
+    return loss, (metrics, new_vars["batch_stats"])
+
+  def step_on_inputs(self, state: TrainState, inputs, dropout_rng: jax.Array):
+    """One optimisation step on prepared inputs → ``(new_state, metrics, gradients before clipping)``.
+
+    Upstream order: clamp ``logit_scale`` in place to [0, ln 100], forward/backward at the clamped
+    value, clip the global gradient norm, AdamW. The clamped value is what the gradient, the
+    weight decay and the update see; nothing clamps after the update (the next step does).
+    """
+    params = dict(state.params, logit_scale=flair.clamp_logit_scale(state.params["logit_scale"]))
+    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        params, state.batch_stats, inputs, dropout_rng)
+    new_state = optim.apply_gradients(state, grads, self.tx, params=params, batch_stats=batch_stats)
     grad_norm = optax.global_norm(grads)
     metrics.update(grad_norm=grad_norm, lr=self.schedule(state.step),
-                   logit_scale=jnp.exp(params["logit_scale"]),
+                   logit_scale=jnp.exp(flair.clamp_logit_scale(new_state.params["logit_scale"])),
                    all_finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                              rng=rng)
-    return new_state, metrics
+    return new_state, metrics, grads
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng, aug_rng, drop_rng = jax.random.split(state.rng, 3)
+    new_state, metrics, _ = self.step_on_inputs(state, self.prepare_inputs(batch, aug_rng), drop_rng)
+    return new_state.replace(rng=rng), metrics
 
   # ------------------------------------------------------------------ eval
   def evaluate(self, state: TrainState, mesh) -> dict[str, float]:
@@ -262,4 +303,13 @@ class ContrastiveTask:
 
 @register_task("contrastive")
 def make_contrastive_task(config, mesh) -> ContrastiveTask:
-  return ContrastiveTask(config, mesh)
+  """The task on ``config.data``'s training split (built first when ``build_if_missing``)."""
+  from jaxretina.data import pipeline
+
+  d = config.data
+  if d.get("build_if_missing", False):
+    from jaxretina import datasets
+
+    datasets.ensure_built(d.name, d.data_dir, **dict(d.get("builder_kwargs") or {}))
+  source = pipeline.open_source(d.name, d.train_split, d.data_dir, dict(d.get("builder_kwargs") or {}))
+  return ContrastiveTask(config, mesh, len(source), train_source=source)

@@ -1,4 +1,4 @@
-"""Transfer evaluation of FLAIR / KeepFIT two-tower models (reference-models.md §3.4).
+"""Transfer evaluation of FLAIR / KeepFIT two-tower models (docs/systems.md#transfer-evaluation-protocol).
 
 Building blocks that work on already-extracted image features:
 

@@ -1,4 +1,4 @@
-"""FLAIR's train/val/test selection for transfer experiments (``get_dataloader_splits``, §3.4).
+"""FLAIR's transfer train/val/test selection (``get_dataloader_splits``, docs/systems.md#transfer-splits).
 
 Upstream, per fold::
 
