@@ -27,11 +27,18 @@ def parity_dir() -> str:
   return os.environ.get("JAXRETINA_PARITY_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared", "parity")
 
 
-def require_parity_dir() -> str:
-  """The fixture directory; skips visibly where absent, fails instead when CI demands them."""
-  d = parity_dir()
+def parity_train_dir() -> str:
+  """``$JAXRETINA_PARITY_TRAIN_DIR``, else ``parity-train`` beside the forward fixtures."""
+  return os.environ.get("JAXRETINA_PARITY_TRAIN_DIR") or os.path.join(os.path.dirname(
+      os.path.normpath(parity_dir())), "parity-train")
+
+
+def require_parity_dir(d: str | None = None) -> str:
+  """The fixture directory (default: the forward one); skips visibly where absent, fails instead
+  when CI demands them."""
+  d = d or parity_dir()
   if not os.path.isdir(d):
-    msg = f"parity fixtures not found at {d} (set JAXRETINA_PARITY_DIR)"
+    msg = f"parity fixtures not found at {d} (set JAXRETINA_PARITY_DIR / JAXRETINA_PARITY_TRAIN_DIR)"
     if os.environ.get("JAXRETINA_REQUIRE_PARITY") == "1":
       pytest.fail(msg + " and JAXRETINA_REQUIRE_PARITY=1 forbids skipping")
     pytest.skip(msg)

@@ -127,6 +127,8 @@ class BertEmbeddings(nn.Module):
 
     word = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=word_init,
                     name="word_embeddings")(input_ids)
+    # torch's Embedding(padding_idx) never sends gradient into the padding row.
+    word = jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(word), word)
     token_type = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=self.dtype, embedding_init=init,
                           name="token_type_embeddings")(token_type_ids)
     position = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, embedding_init=init,

@@ -69,6 +69,7 @@ def convert_state_dict(
     rename: Callable[[str], str | None] | None = None,
     ignore: Iterable[str] = (),
     source: str = "state_dict",
+    placement: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
   """Converts ``state_dict`` into a variables dict shaped like ``target``.
 
@@ -79,6 +80,9 @@ def convert_state_dict(
     rename: maps a (prefix-stripped) torch key to another torch-style key, or ``None`` to drop it.
     ignore: regexes of keys that are expected and unused (e.g. the BERT pooler).
     source: named in error messages (usually the checkpoint's path).
+    placement: when given, a dict that receives torch key (as in ``state_dict``) → the Flax path
+      ``(collection, *path)`` it filled; ``to_torch_state_dict`` uses it to lay Flax trees (for
+      example gradients) out as torch tensors again.
 
   Returns:
     A variables dict with numpy leaves, every leaf of ``target`` filled.
@@ -92,7 +96,8 @@ def convert_state_dict(
   problems: list[str] = []
   ignore_res = [re.compile(p) for p in ignore]
 
-  for key, value in state_dict.items():
+  for torch_key, value in state_dict.items():
+    key = torch_key
     if prefix:
       if not key.startswith(prefix):
         continue
@@ -118,6 +123,8 @@ def convert_state_dict(
           break
         dtype = flat_target[full].dtype
         filled[full] = arr.astype(dtype)
+        if placement is not None:
+          placement[torch_key] = full
         placed = True
         break
     if not placed:
@@ -138,6 +145,42 @@ def convert_state_dict(
         lines.append(f"    ... and {len(missing) - 50} more")
     raise ConversionError("\n".join(lines))
   return traverse_util.unflatten_dict(filled)
+
+
+def flax_to_torch_array(value: Any, flax_leaf: str, torch_shape: tuple[int, ...]) -> np.ndarray:
+  """Inverse of ``torch_to_flax_array``: a Flax leaf re-laid as the torch tensor of ``torch_shape``."""
+  value = np.asarray(value)
+  if flax_leaf == "kernel":
+    if value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)
+    elif value.ndim == 3:
+      value = value.transpose(2, 1, 0)
+    elif value.ndim == 5:
+      value = value.transpose(4, 3, 0, 1, 2)
+    elif value.ndim == 2:
+      value = value.T
+  if value.shape != tuple(torch_shape):
+    raise ConversionError(f"shape {value.shape} (after re-layout) != torch shape {tuple(torch_shape)}")
+  return value
+
+
+def to_torch_state_dict(trees: Mapping[str, Any], placement: Mapping[str, tuple[str, ...]],
+                        torch_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """Lays Flax trees out under the torch keys they were converted from.
+
+  Args:
+    trees: collection → tree, e.g. ``{'params': grads}`` or ``{'params': p, 'batch_stats': s}``.
+    placement: from ``convert_state_dict(..., placement=...)``.
+    torch_shapes: torch key → shape (the original ``state_dict``'s).
+  Returns:
+    torch key → array for every placed key whose collection is in ``trees``.
+  """
+  flat = {c: traverse_util.flatten_dict(_unfreeze(t)) for c, t in trees.items()}
+  out = {}
+  for key, (collection, *path) in placement.items():
+    if collection in flat and tuple(path) in flat[collection]:
+      out[key] = flax_to_torch_array(flat[collection][tuple(path)], path[-1], torch_shapes[key])
+  return out
 
 
 def variables_shape(module, *args, rngs=None, **kwargs) -> dict[str, Any]:

@@ -506,7 +506,7 @@ def two_tower_from_constructor(constructor: Mapping[str, Any], bert_config: Mapp
 
 def from_torch(state_dict: Mapping[str, Any], model: TwoTower, *, prefix: str = "",
                image_shape: tuple[int, int, int, int] = (1, 64, 64, 3), text_len: int = 8,
-               source: str = "state_dict") -> dict:
+               source: str = "state_dict", placement: dict | None = None) -> dict:
   """FLAIR / KeepFIT ``state_dict`` → Flax variables (``params`` and ``batch_stats``) for ``model``.
 
   Ignored keys: the BERT pooler (unused by FLAIR), ``embeddings.position_ids``/``token_type_ids``
@@ -519,6 +519,7 @@ def from_torch(state_dict: Mapping[str, Any], model: TwoTower, *, prefix: str = 
     prefix: strip this prefix first (e.g. ``'module.'`` of a DDP checkpoint).
     image_shape, text_len: trace shapes (only the channel count and ``text_len ≤`` max positions matter).
     source: named in errors.
+    placement: receives torch key → Flax path (``convert.convert_state_dict``).
   """
   images = jnp.zeros(image_shape, jnp.float32)
   ids = jnp.zeros((image_shape[0], text_len), jnp.int32)
@@ -527,7 +528,7 @@ def from_torch(state_dict: Mapping[str, Any], model: TwoTower, *, prefix: str = 
   if not model.projection:
     ignore.append(r"^(vision_model\.projection_head_vision|text_model\.projection_head_text)\.projection\.")
   return convert.convert_state_dict(state_dict, target, prefix=prefix, ignore=ignore, rename=bert.rename_legacy_layer_norm,
-                                    source=source)
+                                    source=source, placement=placement)
 
 
 def load_flair_checkpoint(path: str, model: TwoTower, **kwargs) -> dict:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 Handler = Callable[["Case"], Mapping[str, Any]]
+MASK_PREFIX = "params_after_mask/"
 _REGISTRY: dict[tuple[str, str], Handler] = {}
 _DISCOVERED = False
 
@@ -50,6 +51,10 @@ class Case:
   @property
   def train(self) -> bool:
     return self.meta.get("mode") == "train"
+
+  @property
+  def train_step(self) -> bool:
+    return self.meta.get("mode") == "train_step"
 
   @property
   def kind(self) -> tuple[str, str]:
@@ -119,7 +124,8 @@ def load_case(path: str) -> Case:
 def compare(case: Case, got: Mapping[str, Any]) -> Result:
   """Compares handler outputs with the fixture, every output, per-output tolerances."""
   specs = case.meta.get("outputs", {})
-  names = list(dict.fromkeys(list(specs) + list(case.outputs)))
+  # params_after_mask/* select the compared entries of params_after/*; they are not outputs.
+  names = [n for n in dict.fromkeys(list(specs) + list(case.outputs)) if not n.startswith(MASK_PREFIX)]
   failures: list[str] = []
   worst = ("", 0.0, 0.0)
   for name in names:
@@ -128,6 +134,8 @@ def compare(case: Case, got: Mapping[str, Any]) -> Result:
       continue
     ref = np.asarray(case.outputs[name])
     if name not in got:
+      if case.train_step and name.startswith("aux/"):
+        continue  # a train step's intermediates are for debugging; compared when the handler gives them
       failures.append(f"{name}: not produced by the port")
       continue
     out = np.asarray(got[name])
@@ -149,6 +157,10 @@ def compare(case: Case, got: Mapping[str, Any]) -> Result:
       continue
     err = np.abs(out - refd)
     allowed = atol + rtol * np.abs(refd)
+    mask_name = MASK_PREFIX + name.removeprefix("params_after/")
+    if name.startswith("params_after/") and mask_name in case.outputs:
+      keep = np.asarray(case.outputs[mask_name], bool)
+      err, allowed = err[keep], allowed[keep]
     ratio = float(np.max(err / allowed)) if err.size else 0.0
     max_err = float(np.max(err)) if err.size else 0.0
     if ratio > worst[2]:
@@ -226,3 +238,29 @@ def flax_path_to_torch(path: tuple[str, ...]) -> str:
     else:
       parts.append(p)
   return ".".join(parts)
+
+
+def train_step_outputs(case: Case, placement: Mapping[str, tuple[str, ...]], *, grads: Any, params: Any,
+                       batch_stats: Any, loss: Any, terms: Mapping[str, Any] = (),
+                       extra: Mapping[str, Any] = ()) -> dict[str, np.ndarray]:
+  """A train step's results in a train-step fixture's layout.
+
+  ``grads``/``params``/``batch_stats`` are the step's Flax trees (gradients before clipping, the
+  parameters after the update, the BatchNorm state after the step); ``placement`` maps each torch
+  key of ``case.weights`` to its Flax path (``convert.convert_state_dict(..., placement=)``).
+  Gradients and updated parameters are reported only for the keys the fixture lists (frozen and
+  gradient-free parameters have none). ``terms``: ``loss/<name>`` values; ``extra``: any other
+  outputs by their fixture name (``clip/total_norm``, ``state_after/feature_center``, ...).
+  """
+  from jaxretina.models import convert
+
+  shapes = {k: np.shape(v) for k, v in case.weights.items()}
+  out: dict[str, np.ndarray] = {"loss": np.asarray(loss)}
+  out.update({f"loss/{k}": np.asarray(v) for k, v in dict(terms).items()})
+  for prefix, trees in (("grads/", {"params": grads}), ("params_after/", {"params": params}),
+                        ("state_after/", {"batch_stats": batch_stats})):
+    for key, value in convert.to_torch_state_dict(trees, placement, shapes).items():
+      if prefix + key in case.outputs:
+        out[prefix + key] = value
+  out.update({k: np.asarray(v) for k, v in dict(extra).items()})
+  return out

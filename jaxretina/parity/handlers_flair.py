@@ -109,3 +109,96 @@ def flair_preprocess_image(case: parity.Case) -> dict:
   size = int(case.constructor.get("image_size", 512))
   out = preprocess.flair_preprocess(case.inputs["image"], image_size=size)
   return {"image_out": np.transpose(out, (2, 0, 1))[None]}
+
+
+# ------------------------------------------------------------------------------------ train steps
+
+
+def _contrastive_config(case: parity.Case, knowledge: bool):
+  """The contrastive trainer's config for a FLAIR/KeepFIT train-step fixture (``meta.json``)."""
+  import ml_collections
+
+  meta = case.meta
+  opt = meta["optimizer"]
+  hp = opt["hyper_parameters"]
+  spec = dict(next(iter(case.constructor["vision_backbone"].values())))
+  c = ml_collections.ConfigDict()
+  c.task = "contrastive"
+  c.seed = int(meta.get("seed", 0))
+  c.dtype = "float32"
+  c.batch_size = int(case.inputs["pixel_values"].shape[0])
+  c.epochs = 1
+  c.start_epoch = 0
+  c.total_steps = 1
+  c.data = dict(image_size=int(case.inputs["pixel_values"].shape[-1]))
+  c.text = dict(tokenizer="embedded", pretrained_dir="", bert=dict(meta["bert_config"]),
+                max_length=int(case.inputs["input_ids"].shape[1]))
+  c.model = dict(vision=dict(block=spec["block"], layers=list(spec["layers"]),
+                             width_per_group=int(spec.get("width_per_group", 64)), base_width=int(spec["base_width"])),
+                 proj_dim=int(case.constructor["proj_dim"]), proj_bias=bool(case.constructor.get("proj_bias", False)),
+                 projection=bool(case.constructor.get("projection", True)),
+                 norm_features=bool(case.constructor.get("norm_features", True)),
+                 logit_scale_init=float(case.constructor.get("logit_scale_init_value", 0.07)),
+                 attention_heads=2,
+                 attention_dropout=0.0,  # the fixture sets KeepFIT's attention dropout to 0 (driver_patches)
+                 softmax_over_heads=True,  # upstream's dim-less F.softmax
+                 text_pooling="all_positions")
+  weights = meta.get("loss_weights", {})
+  c.kd = dict(enabled=knowledge, weight=float(weights.get("kd_norm_mse", 100.0)), targets="identity")
+  c.loss = dict(contrastive_scope="global")
+  clip = opt.get("grad_clip") or {}
+  c.optimizer = dict(name="adamw", weight_decay=float(hp["weight_decay"]), b1=float(hp["betas"][0]),
+                     b2=float(hp["betas"][1]), eps=float(hp["eps"]), grad_clip=float(clip.get("max_norm") or 0.0))
+  # fit() steps LinearWarmupCosineAnnealingLR per iteration with len(loader) iterations per epoch.
+  c.schedule = dict(name="flair_warmup_cosine", lr=float(opt["base_lr"]), warmup_epochs=float(opt["warmup_epoch"]),
+                    max_epochs=100.0, eta_min=0.0)
+  c.num_train_examples = int(opt["len_loader"]) * c.batch_size
+  return c
+
+
+def _contrastive_train_step(case: parity.Case, knowledge: bool) -> dict:
+  import jax
+
+  from jaxretina.train import contrastive
+  from jaxretina.train.loop import TrainState
+
+  config = _contrastive_config(case, knowledge)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  task = contrastive.ContrastiveTask(config, mesh, config.num_train_examples)
+  lr = float(task.schedule(0))
+  if not np.isclose(lr, case.meta["optimizer"]["lr_at_step"], rtol=1e-6):
+    raise ValueError(f"{case.path}: the configured schedule gives lr {lr} at step 0, the fixture ran at "
+                     f"{case.meta['optimizer']['lr_at_step']}")
+  placement: dict = {}
+  image_shape = (1,) + tuple(parity.nchw_to_nhwc(case.inputs["pixel_values"]).shape[1:])
+  variables = flair.from_torch(case.weights, task.model, image_shape=image_shape, source=case.path,
+                               placement=placement)
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+                     opt_state=task.tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+  inputs = {"images": _images(case, "pixel_values"), "target": jnp.asarray(case.inputs["target"])}
+  inputs["input_ids"], inputs["attention_mask"] = _tokens(case, "input_ids", "attention_mask")
+  if knowledge:
+    inputs["kd_images"] = _images(case, "kd_pixel_values")
+    inputs["kd_input_ids"], inputs["kd_attention_mask"] = _tokens(case, "kd_input_ids", "kd_attention_mask")
+    inputs["kd_target"] = jnp.asarray(case.inputs["kd_target"])
+  new_state, metrics, grads = jax.jit(task.step_on_inputs)(state, inputs, jax.random.key(0))
+  terms = {"clip": metrics["loss_main"]}
+  if knowledge:
+    terms.update(kd_clip=metrics["loss_kd"], kd_norm_mse=metrics["loss_revision"])
+  return parity.train_step_outputs(case, placement, grads=grads, params=new_state.params,
+                                   batch_stats=new_state.batch_stats, loss=metrics["loss"], terms=terms,
+                                   extra={"clip/total_norm": metrics["grad_norm"]})
+
+
+@parity.register("lxirich/MM-Retinal", "KeepFITModel.fit")
+def keepfit_train_step(case: parity.Case) -> dict:
+  """One ``KeepFITModel.fit`` iteration through the contrastive trainer's own step."""
+  return _contrastive_train_step(case, knowledge=True)
+
+
+@parity.register("jusiro/FLAIR", "FLAIRModel.fit")
+def flair_train_step(case: parity.Case) -> dict:
+  """One ``FLAIRModel.fit`` iteration through the contrastive trainer's own step."""
+  return _contrastive_train_step(case, knowledge=False)

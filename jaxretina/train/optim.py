@@ -15,13 +15,14 @@ def flair_warmup_cosine(base_lr: float, steps_per_epoch: int, warmup_epochs: flo
                         warmup_start_lr: float | None = None) -> Callable[[Any], Any]:
   """FLAIR's ``LinearWarmupCosineAnnealingLR`` stepped per iteration (flair/pretraining/utils.py).
 
-  W = warm-up iterations, T = max_epochs·steps_per_epoch, lr₀ = base_lr / steps_per_epoch:
+  W = warm-up iterations, T = max_epochs·steps_per_epoch, lr₀ = base_lr / W (``fit`` passes
+  ``warmup_start_lr = lr / (warmup_epoch · len(loader))``):
   t < W: lr₀ + t·(lr − lr₀)/(W − 1);  t ≥ W: η_min + (lr − η_min)·½(1 + cos(π(t − W)/(T − W))).
   FLAIR/KeepFIT set max_epochs=100 whatever the run length, so the cosine barely decays.
   """
   warmup = max(int(round(warmup_epochs * steps_per_epoch)), 1)
   total = max(int(round(max_epochs * steps_per_epoch)), warmup + 1)
-  lr0 = base_lr / steps_per_epoch if warmup_start_lr is None else warmup_start_lr
+  lr0 = base_lr / (warmup_epochs * steps_per_epoch) if warmup_start_lr is None else warmup_start_lr
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
