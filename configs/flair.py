@@ -24,6 +24,7 @@ def get_config(arg=None):
   keepfit = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "keepfit.py"))
   arg = ",".join(a for a in [arg or "", "kd=False"] if a)
   c = keepfit.get_config(arg)
+  c.data.banned_match = "substring"  # FLAIR bans a sample when a banned string is inside a category
   if "paper" in arg.split(","):
     with c.unlocked():
       c.text.max_length = 77  # FLAIR's tokenizer.model_max_length
@@ -31,4 +32,5 @@ def get_config(arg=None):
       c.epochs = 15
       c.start_epoch = 0
       c.loss.contrastive_scope = "global"
+      c.data.balance = True  # FLAIR's UniformDataset: dataset i mod K, then a uniform record in it
   return c

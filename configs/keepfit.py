@@ -37,6 +37,7 @@ import ml_collections
 
 from jaxretina.configlib import parse_arg
 from jaxretina.data import synthetic
+from jaxretina.text import prompts
 
 
 
@@ -53,6 +54,10 @@ def get_config(arg=None):
   c.data.data_dir = os.environ.get("JAXRETINA_DATA_DIR", os.path.expanduser("~/.cache/jaxretina/datasets"))
   c.data.caption_template = "A [ATR] fundus photograph of [CLS]"
   c.data.augment_description = True
+  # Upstream pretraining drops the OOD categories; KeepFIT matches them exactly, FLAIR as substrings.
+  c.data.banned_categories = list(prompts.BANNED_CATEGORIES)
+  c.data.banned_match = "exact"
+  c.data.balance = False  # KeepFIT samples its mix uniformly (FLAIR: dataset-balanced, configs/flair.py)
 
   c.text = ml_collections.ConfigDict()
   c.text.pretrained_dir = ""  # a local HF BERT directory (config.json + weights); '' = train from scratch

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import logging
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -671,3 +672,56 @@ class UniformMixture:
 def uniform_mixture(sources: Sequence, weights: Sequence[float] | None = None, seed: int = 0) -> UniformMixture:
   """Dataset-balanced mixture of random-access sources (see ``UniformMixture``)."""
   return UniformMixture(sources, weights, seed)
+
+
+class RecordSubset:
+  """The records ``indices`` of ``source``, as a random-access source (position k → record indices[k])."""
+
+  def __init__(self, source, indices: Sequence[int], description: str = ""):
+    self.source = source
+    self.indices = np.asarray(indices, np.int64)
+    self.name = getattr(source, "name", type(source).__name__) + (f" [{description}]" if description else "")
+    self.split = getattr(source, "split", None)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return _record(self.source, int(self.indices[int(index)]))
+
+
+def pretraining_source(source, *, balance: bool = False, banned_categories: Sequence[str] = (),
+                       banned_match: str = "substring", seed: int = 0):
+  """The records upstream pretraining samples from, and how.
+
+  ``banned_categories``: records any of whose categories is banned are dropped
+  (``prompts.is_banned``: FLAIR matches a banned string inside a category, KeepFIT's pretraining
+  exact equality). ``balance``: FLAIR's ``UniformDataset`` over the mix: position i draws from
+  dataset ``i mod K`` (the records' ``dataset`` key, in order of first appearance) uniformly, with
+  the draws a function of ``(seed, i)``, so the stream stays deterministic and resumable; the epoch
+  length stays the number of (kept) records. Either option reads every record's ``categories`` /
+  ``dataset`` once (images are not decoded).
+  """
+  where = "pretraining_source"
+  n = _check_nonempty(source, where)
+  if not balance and not banned_categories:
+    return source
+  keep, groups = [], {}
+  for i in range(n):
+    record = _record(source, i)
+    if banned_categories and prompts.is_banned(_str_list(record.get("categories")), banned_match,
+                                               list(banned_categories)):
+      continue
+    keep.append(i)
+    groups.setdefault(_text(record.get("dataset", "")), []).append(i)
+  if not keep:
+    raise ValueError(f"{where}: every record of {_where(source)} has a banned category "
+                     f"({banned_match} match against {list(banned_categories)})")
+  dropped = n - len(keep)
+  logging.info("%s: %s: %d of %d records dropped for banned categories (%s match); %s", where, _where(source),
+               dropped, n, banned_match,
+               f"dataset-balanced over {len(groups)} datasets" if balance else "uniform over records")
+  if balance:
+    return UniformMixture([RecordSubset(source, idx, f"dataset {key!r}") for key, idx in groups.items()],
+                          seed=seed)
+  return RecordSubset(source, keep, f"{dropped} banned records dropped") if dropped else source

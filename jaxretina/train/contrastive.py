@@ -312,4 +312,7 @@ def make_contrastive_task(config, mesh) -> ContrastiveTask:
 
     datasets.ensure_built(d.name, d.data_dir, **dict(d.get("builder_kwargs") or {}))
   source = pipeline.open_source(d.name, d.train_split, d.data_dir, dict(d.get("builder_kwargs") or {}))
+  source = pipeline.pretraining_source(source, balance=bool(d.get("balance", False)),
+                                       banned_categories=list(d.get("banned_categories") or []),
+                                       banned_match=d.get("banned_match", "substring"), seed=int(config.seed))
   return ContrastiveTask(config, mesh, len(source), train_source=source)
