@@ -25,7 +25,7 @@ with identity targets, MSE weight 100:
 The datasets are built with ``python -m jaxretina.datasets build flair_dataframe ...`` and
 ``... build mm_retinal ...`` (see README). On a pod the same command runs on every host
 (``launch/tpu_vm.sh``, ``launch/slurm.sh``); ``--config.mesh`` changes the device layout,
-e.g. ``--config.mesh="[('data', -1), ('fsdp', 4)]"``.
+e.g. ``--config.mesh=data:-1,fsdp:4``.
 
 Config arguments: ``paper`` (published recipe), ``kd=False`` (FLAIR objective), ``steps=N`` (override
 the step count, e.g. for smoke tests).
@@ -46,7 +46,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
   c.seed = 42
-  c.mesh = [("data", -1)]
+  c.mesh = "data:-1"  # axis:size list; e.g. --config.mesh=data:-1,fsdp:4
   c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
 

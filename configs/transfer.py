@@ -56,7 +56,7 @@ def get_config(arg=None):
   c.upstream_constructor = ""
   c.out_dir = ""  # default: <workdir>/eval/transfer/<experiment>/<run id>, or ./transfer_results/... for a .pth
   c.cache_dir = os.environ.get("JAXRETINA_FEATURE_CACHE", os.path.expanduser("~/.cache/jaxretina/features"))
-  c.mesh = [("data", -1)]
+  c.mesh = "data:-1"  # axis:size list; e.g. --config.mesh=data:-1,fsdp:4
   c.seed = 0  # adapter / fine-tuning initialisation; the folds are seeded by their index as upstream
   c.experiment = arg.experiment
   c.targets = []  # class names in label order; default: the experiment's

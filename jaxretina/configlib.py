@@ -65,7 +65,7 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   c = ml_collections.ConfigDict()
   c.task = "classification"
   c.seed = 0
-  c.mesh = [("data", -1)]
+  c.mesh = "data:-1"  # axis:size list; e.g. --config.mesh=data:-1,fsdp:4
   c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
   # fields: the image modalities in model order as 'name:channels,...' (CRD-Net: 'image:3,oct:1').

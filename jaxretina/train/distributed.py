@@ -44,12 +44,38 @@ def maybe_initialize_distributed(config: Any = None) -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-  """Builds a mesh from ``[(name, size), ...]``; one size may be -1 (all remaining devices).
+def parse_mesh(spec: str | Sequence[Sequence[Any]]) -> list[tuple[str, int]]:
+  """``config.mesh`` → ``[(name, size), ...]``.
+
+  The command-line form is a string ``'data:-1,fsdp:4'`` (``--config.mesh=data:-1,fsdp:4``); Python
+  configs may also give the list ``[('data', -1), ('fsdp', 4)]``.
+  """
+  if isinstance(spec, str):
+    axes = []
+    for part in spec.split(","):
+      name, sep, size = part.strip().partition(":")
+      try:
+        axes.append((name.strip(), int(size)))
+      except ValueError:
+        sep = ""
+      if not name.strip() or not sep:
+        raise ValueError(f"config.mesh={spec!r}: expected 'axis:size[,axis:size]' with integer sizes "
+                         f"(one may be -1), e.g. 'data:-1' or 'data:-1,fsdp:4'")
+    return axes
+  try:
+    return [(str(name), int(size)) for name, size in spec]
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.mesh={spec!r}: expected 'axis:size[,axis:size]' or [(axis, size), ...]") from e
+
+
+def make_mesh(axes: str | Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a mesh from ``'data:-1,fsdp:4'`` or ``[(name, size), ...]``; one size may be -1 (all
+  remaining devices).
 
   Axis types are ``Auto`` (``jax.make_mesh`` defaults to explicit axes in this JAX, which rejects
   ordinary GSPMD code).
   """
+  axes = parse_mesh(axes)
   devices = list(devices if devices is not None else jax.devices())
   names = tuple(str(a[0]) for a in axes)
   sizes = [int(a[1]) for a in axes]
