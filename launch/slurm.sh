@@ -5,7 +5,8 @@
 #       --config configs/keepfit.py:paper --workdir /scratch/keepfit --config.data.data_dir=/data/tfds
 #
 # srun starts the same `python -m jaxretina.main ...` on every node; jax.distributed.initialize()
-# reads the SLURM environment (coordinator = first node). --dry-run prints the sbatch script.
+# reads the SLURM environment (coordinator = first node). --dry-run (anywhere on the line) prints the
+# sbatch script and submits nothing.
 set -euo pipefail
 nodes=1 gpus=8 partition="" time_limit="24:00:00" dry=0 job_name="jaxretina"
 while [[ $# -gt 0 ]]; do
@@ -20,6 +21,12 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown option $1 (put job arguments after --)" >&2; exit 2 ;;
   esac
 done
+# --dry-run after -- would otherwise reach the job and this script would launch for real.
+job_args=()
+for arg in "$@"; do
+  if [[ "$arg" == "--dry-run" ]]; then dry=1; else job_args+=("$arg"); fi
+done
+set -- "${job_args[@]+"${job_args[@]}"}"
 [[ $# -gt 0 ]] || { echo "usage: $0 [--nodes N] [--gpus-per-node G] [--partition P] [--dry-run] -- JOB ARGS" >&2; exit 2; }
 script="#!/usr/bin/env bash
 #SBATCH --job-name=$job_name
