@@ -10,8 +10,11 @@ single-modality heads, trained with the three-head loss:
 The evaluation reports the fused prediction and, beside it, each single-modality head
 (``metrics.json``).
 
-Released recipe (``:paper``, docs/systems.md#crd-net-training-recipe): ResNet-18 towers (torchvision weights
-for the RGB tower), 448 px (inferred from MMC-AMD's 448² images), RandomRotation(180) per modality,
+Released recipe (``:paper``, docs/systems.md#crd-net-training-recipe): two 3-channel ResNet-18 towers,
+both initialised from the torchvision ImageNet weights of ``--config.init.backbone`` (upstream builds
+both with ``resnet18(pretrained=True)``; its loader opens every image as PIL 'RGB', so the grey OCT
+B-scan enters as three equal channels, as ``data.fields='image:3,oct:3'`` decodes it here),
+448 px (inferred from MMC-AMD's 448² images), RandomRotation(180) per modality,
 ImageNet normalisation, SGD (lr 1e-3, momentum 0.9, no weight decay), batch 8, 150 epochs, loss
 CE(fused) + CE(fundus) + CE(OCT), on MMC-AMD paired per eye:
 
@@ -33,7 +36,9 @@ from jaxretina.data import synthetic_oct
 def get_config(arg=None):
   arg = parse_arg(arg, paper=False, steps=0)
   c = classification_config("crd_net", steps=arg.steps)
-  c.data.fields = "image:3,oct:1"  # model order: x = fundus, y = OCT
+  # Model order: x = fundus, y = OCT. The embedded run trains from scratch and keeps the OCT grey
+  # (a 1-channel tower gets upstream's replacement stem conv); :paper feeds it as RGB.
+  c.data.fields = "image:3,oct:1"
   c.data.num_classes = len(synthetic_oct.CLASS_NAMES)
   c.data.class_names = list(synthetic_oct.CLASS_NAMES)
   c.model.backbone_block = "basic"
@@ -45,6 +50,9 @@ def get_config(arg=None):
 
   if arg.paper:
     c.data.name = "mmc_amd"
+    # Both towers 3-channel and ImageNet-initialised, as upstream: the grey OCT is decoded to RGB
+    # (its one channel repeated, PIL's L -> RGB), so it is normalised per channel like the fundus.
+    c.data.fields = "image:3,oct:3"
     c.data.image_size = 448
     c.model.backbone_layers = [2, 2, 2, 2]
     c.model.backbone_base_width = 64

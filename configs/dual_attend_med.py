@@ -9,9 +9,11 @@ ROC curves, attention heatmaps and the attention-map IoU against class-activatio
   python -m jaxretina.main --config configs/dual_attend_med.py --workdir /tmp/dam
 
 Published recipe (``:paper``, docs/systems.md#dualattendmed-training-recipe): ResNet-152 (layer4 stride 1, output
-stride 16) from torchvision weights, M = 32 attention maps, 224 px, SGD (momentum 0.9, weight
-decay 1e-5, lr 1e-3 × 0.8 every 10 epochs), batch 16, 40 epochs, crop θ 0.5 (pad 0.1), drop θ 0.5,
-λ = 1.0 / 0.5 / 0.1, auxiliary loss weight 0.01; DR grading on APTOS 2019 (5 grades):
+stride 16) from torchvision weights, M = 32 attention maps, images resized to 256 px then cropped to
+224 (random crop for training, centre crop for evaluation and prediction, as upstream's
+``get_transform``), horizontal flips and colour jitter, SGD (momentum 0.9, weight decay 1e-5, lr 1e-3 ×
+0.8 every 10 epochs), batch 16, 40 epochs, crop θ 0.5 (pad 0.1), drop θ 0.5, λ = 1.0 / 0.5 / 0.1,
+auxiliary loss weight 0.01; DR grading on APTOS 2019 (5 grades):
 
   python -m jaxretina.datasets build aptos2019 --manual_dir ~/aptos --data_dir /data/tfds --canvas_size 256
   python -m jaxretina.main --config configs/dual_attend_med.py:paper --workdir /runs/dam \
@@ -61,7 +63,9 @@ def get_config(arg=None):
     c.data.name = "aptos2019"
     c.data.num_classes = 5
     c.data.class_names = ["no DR", "mild", "moderate", "severe", "proliferative DR"]
-    c.data.image_size = 224
+    # get_transform(S=224): Resize((⌊S/0.875⌋,)*2) = 256 → RandomCrop(224) (train) / CenterCrop(224) (eval).
+    c.data.image_size = int(224 / 0.875)
+    c.data.crop_size = 224
     c.model.backbone_layers = list(wsdan.BACKBONES["resnet152"])
     c.model.backbone_base_width = 64
     c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.126, saturation=0.5)

@@ -69,10 +69,16 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
   # fields: the image modalities in model order as 'name:channels,...' (CRD-Net: 'image:3,oct:1').
+  # image_size: images are resized to image_size²; crop_size (0 = none): then cropped to crop_size² on
+  # device, at random per sample for training and at the centre for evaluation / prediction.
+  # mix.sources (none = off): [{name, split, builder_kwargs}, ...] whose records are concatenated in
+  # that order and cut at random (mix.seed) into the named splits of mix.splits [[name, fraction], ...].
+  # train_class_counts (none = off): the training split resampled cyclically to these per-class counts.
   c.data = ml_collections.ConfigDict(dict(
       name="", data_dir=default_data_dir(), builder_kwargs=None, build_if_missing=False, train_split="train",
-      image_size=224, fields="image:3", num_classes=0, class_names=[], label_subset=None,
-      normalize="imagenet", sampling=dict(class_weights=None, samples_per_epoch=0), class_prompts=None))
+      image_size=224, crop_size=0, fields="image:3", num_classes=0, class_names=[], label_subset=None,
+      normalize="imagenet", sampling=dict(class_weights=None, samples_per_epoch=0), class_prompts=None,
+      mix=dict(sources=[], splits=[], seed=0), train_class_counts=[]))
   c.model = ml_collections.ConfigDict(dict(name=model_name))
   c.loss = ml_collections.ConfigDict()
   c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
@@ -88,6 +94,14 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   c.log_every = 20
   c.checkpoint_every = 500
   c.eval_every = 0
+  # Evaluate at every N-th epoch end (0 = off); ReduceLROnPlateau and early stopping step on these
+  # evaluations (jaxretina.train.plateau). metric '' = off; names are '<evaluator>/<metric>'.
+  c.eval_every_epochs = 0
+  c.reduce_on_plateau = ml_collections.ConfigDict(dict(
+      metric="", mode="min", factor=0.1, patience=10, threshold=1e-4, threshold_mode="rel", cooldown=0,
+      min_lr=0.0, eps=1e-8))
+  c.early_stopping = ml_collections.ConfigDict(dict(metric="", mode="min", patience=0, min_delta=0.0,
+                                                    keep_best=True))
   c.evals = ml_collections.ConfigDict(dict(classification=dict(
       type="classification", split="test", batch_size=64, heatmaps=8, cam_iou=False)))
   return c

@@ -25,7 +25,8 @@ attention weights).
 Preprocessing is the training one at the run's image size: two-tower models get FLAIR's canvas
 (longer side resized with antialiasing, zero-padded right/bottom; the dataset builders store
 images so); classifiers get the same square canvas by zero padding, then PIL's bilinear resize to
-``image_size`` as the data pipeline does, then ``config.data.normalize``. ``--fov_crop`` first
+``image_size`` as the data pipeline does (then the centre ``config.data.crop_size``² when the run
+crops), then ``config.data.normalize``. ``--fov_crop`` first
 crops fundus photographs to their field of view (FLAIR's ``crop_foreground``; first field only).
 
 Images are files or folders (searched recursively) of .png/.jpg/.jpeg/.tif/.tiff/.bmp (any case).
@@ -176,9 +177,12 @@ def _flair_preprocess(image_size: int):
   return preprocess
 
 
-def _pad_resize_preprocess(image_size: int):
-  """Zero-pad to a square (right/bottom, as the builders' canvas) then PIL bilinear to image_size."""
+def _pad_resize_preprocess(image_size: int, crop_size: int | None = None):
+  """Zero-pad to a square (right/bottom, as the builders' canvas) then PIL bilinear to image_size,
+  then the centre ``crop_size``² when given (a run trained with ``config.data.crop_size``)."""
   from PIL import Image
+
+  from jaxretina.data.augment import center_crop
 
   def preprocess(image: np.ndarray, field: str):
     del field
@@ -190,6 +194,8 @@ def _pad_resize_preprocess(image_size: int):
     if pil.size != (image_size, image_size):
       pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR)
     display = np.asarray(pil, np.uint8).reshape(image_size, image_size, c)
+    if crop_size:
+      display = np.ascontiguousarray(center_crop(display[None], (crop_size, crop_size))[0])
     return display.astype(np.float32) / 255.0, display
 
   return preprocess
@@ -223,7 +229,8 @@ def _prototypes(model, variables, tokenizer, classes, settings, max_length):
 
 
 def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: list[str] | None = None,
-                           template: str | None = None, image_size: int | None = None) -> Predictor:
+                           template: str | None = None, image_size: int | None = None,
+                           best: bool = False) -> Predictor:
   """A predictor for a jaxretina workdir (contrastive → zero-shot; classification → its logits)."""
   import jax
   import jax.numpy as jnp
@@ -231,13 +238,18 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
   from jaxretina import restore
 
   if restore.load_config(workdir).task == "contrastive":
+    if best:
+      raise ValueError(f"--best: {workdir} is a contrastive run; only classifier runs keep a best checkpoint")
     return _two_tower_predictor(restore.load_two_tower(workdir, step=step), classes, template, image_size,
                                 _canvas_preprocess)
 
   from jaxretina.train import classification
 
-  config, _, model, variables = restore.load_run(workdir, step)
+  config, _, model, variables = restore.load_run(workdir, step, best=best)
   size = int(image_size or config.data.image_size)
+  crop = classification.input_crop_size(config.data)  # evaluation centre crop of a cropping run
+  if crop and crop > size:
+    raise ValueError(f"--image_size {size} is smaller than the run's crop config.data.crop_size={crop}")
   fields = classification.parse_fields(config.data.fields)
   num_classes = int(config.data.num_classes)
   names = list(config.data.get("class_names") or [str(k) for k in range(num_classes)])
@@ -262,7 +274,7 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
     return np.asarray(probs), None if attention is None else np.asarray(attention, np.float32)
 
   return Predictor(description=f"{config.model.name} classifier of {workdir}", class_names=names, fields=fields,
-                   image_size=size, preprocess=_pad_resize_preprocess(size), predict=predict)
+                   image_size=crop or size, preprocess=_pad_resize_preprocess(size, crop), predict=predict)
 
 
 def load_upstream_predictor(path: str, *, text_dir: str | None, classes: list[str] | None,
@@ -306,6 +318,8 @@ def load_predictor(checkpoint: str, **kwargs) -> Predictor:
       raise ValueError(f"--checkpoint {checkpoint}: expected a jaxretina workdir (a directory) or an upstream "
                        f"FLAIR/KeepFIT checkpoint ({', '.join(restore.UPSTREAM_EXTENSIONS)})")
     kwargs.pop("step", None)
+    if kwargs.pop("best", False):
+      raise ValueError(f"--best: {checkpoint} is an upstream weights file, not a workdir with a best checkpoint")
     return load_upstream_predictor(checkpoint, **kwargs)
   raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory (expected a jaxretina workdir or "
                           "an upstream FLAIR/KeepFIT .pth)")
@@ -452,6 +466,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--fov_crop", action="store_true", help="crop fundus photographs to their field of view first")
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: the latest)")
+  p.add_argument("--best", action="store_true", help="a classifier workdir's best checkpoint (its best epoch-end "
+                                                     "evaluation under config.early_stopping)")
   return p.parse_args(argv)
 
 
@@ -469,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
   images, skipped = collect_images(args.images)
   images2, skipped2 = collect_images(args.images2, "--images2") if args.images2 else (None, [])
   predictor = load_predictor(args.checkpoint, step=args.step, classes=classes, template=args.template,
-                             image_size=args.image_size, text_dir=args.text_dir)
+                             image_size=args.image_size, text_dir=args.text_dir,
+                             **({"best": True} if args.best else {}))
   fields = list(predictor.fields)
   if len(fields) == 2:
     if images2 is None:

@@ -59,9 +59,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Finalised checkpoint steps in ``workdir/checkpoints`` (Orbax's temporary directories excluded)."""
-  root = os.path.join(workdir, "checkpoints")
+# The checkpoints of the run, and the one of its best epoch-end evaluation (config.early_stopping.keep_best).
+CHECKPOINT_DIRS = {False: "checkpoints", True: "checkpoints_best"}
+
+
+def checkpoint_steps(workdir: str, best: bool = False) -> list[int]:
+  """Finalised checkpoint steps in ``workdir/checkpoints`` (``checkpoints_best`` with ``best``;
+  Orbax's temporary directories excluded)."""
+  root = os.path.join(workdir, CHECKPOINT_DIRS[bool(best)])
   if not os.path.isdir(root):
     return []
   return sorted(int(name) for name in os.listdir(root)
@@ -85,7 +90,7 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
 
   fields = classification.parse_fields(config.data.fields)
   classifier = classifiers.build(config, int(config.data.num_classes), fields)
-  s = int(config.data.image_size)
+  s = classification.input_size(config.data)  # the crop when the run crops (config.data.crop_size)
   inputs = {name: jnp.zeros((1, s, s, ch), jnp.float32) for name, ch in fields.items()}
   abstract = jax.eval_shape(lambda: classifier.init(rng, inputs)[0])
   return classifier, abstract
@@ -124,12 +129,14 @@ def _check_same_shapes(wanted: dict, stored: dict, where: str) -> None:
                                       f"({len(problems)} differing leaves):\n  {checkpoint._head(problems)}")
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
+def load_run(workdir: str, step: int | None = None, *, best: bool = False) -> Run:
   """Rebuilds ``workdir``'s model from its ``config.json`` and restores the weights of ``step``.
 
   Args:
     workdir: a training run's directory (``config.json`` + ``checkpoints/``).
     step: checkpoint step; None = the latest.
+    best: read ``checkpoints_best/`` instead: the state of the best epoch-end evaluation of a run with
+      ``config.early_stopping`` (upstream's best-validation checkpoint).
   Returns:
     ``Run(config, kind, model, variables)`` (see ``Run``).
   """
@@ -137,16 +144,17 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"{workdir}: no such directory (expected a jaxretina workdir)")
   config = load_config(workdir)
-  steps = checkpoint_steps(workdir)
+  steps = checkpoint_steps(workdir, best)
+  folder = CHECKPOINT_DIRS[bool(best)]
   if not steps:
-    raise FileNotFoundError(f"{workdir}: no checkpoint under {os.path.join(workdir, 'checkpoints')} (the run "
-                            "has not saved a step yet)")
+    raise FileNotFoundError(f"{workdir}: no checkpoint under {os.path.join(workdir, folder)} (the run "
+                            "has not saved a step yet" + (", or has no config.early_stopping)" if best else ")"))
   if step is None:
     step = steps[-1]
   elif int(step) not in steps:
     raise FileNotFoundError(f"{workdir}: no checkpoint for step {step}; saved steps: {steps}")
   model, abstract = build_model(config)
-  state_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(int(step)), "state")
+  state_dir = os.path.join(os.path.abspath(workdir), folder, str(int(step)), "state")
   variables = restore_variables(state_dir, abstract)
   return Run(config=config, kind=str(config.task), model=model, variables=variables)
 

@@ -122,3 +122,85 @@ def test_bilinear_net_shapes():
       lambda v: model.apply(v, x, mutable=["intermediates"]), shapes)
   assert logits.shape == (2, 4)
   assert state["intermediates"]["bilinear"][0].shape == (2, 128 * 128)
+
+
+def _paper_config(variant):
+  import os
+
+  from jaxretina.configlib import load_config_module
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return load_config_module(os.path.join(repo, "configs", "bira_net.py")).get_config(f"paper,variant={variant}")
+
+
+@pytest.mark.parametrize("variant", ["ra_net", "bira_net"])
+def test_paper_recipe_freezes_what_upstream_train_freezes(variant):
+  """``:paper`` leaves out of SGD what upstream ``train()`` sets ``requires_grad=False``:
+  ``features[:-2]`` (stem, layer1, layer2) and the constant-1 ``up_c2``, in every branch."""
+  from flax import traverse_util
+
+  from jaxretina.train import classifiers
+  from jaxretina.train.classification import frozen_mask
+
+  config = _paper_config(variant)
+  with config.unlocked():
+    config.model.backbone = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
+  module = classifiers.build(config, 5, {"image": 3}).module
+  params = convert.variables_shape(module, jnp.zeros((1, 64, 64, 3)))["params"]
+  trainable = traverse_util.flatten_dict(frozen_mask(params, config.optimizer.frozen), sep="/")
+  for branch in ([""] if variant == "ra_net" else ["branch_1/", "branch_2/"]):
+    for path in ("ra/up_c2/kernel", "features/conv1/kernel", "features/bn1/scale", "features/layer1_0/conv2/kernel",
+                 "features/layer2_0/downsample_1/bias"):
+      assert trainable[branch + path] is False, branch + path
+    for path in ("features/layer3_0/conv1/kernel", "features/layer4_0/bn3/scale", "ra/attention_0/scale",
+                 "ra/attention_7/kernel"):
+      assert trainable[branch + path] is True, branch + path
+  if variant == "ra_net":
+    assert trainable == traverse_util.flatten_dict(bira.upstream_trainable_mask(params), sep="/")
+
+
+def test_paper_recipe_loss_is_the_papers_and_ce_reproduces_upstream():
+  """Default: the paper's grading loss. ``loss.name='ce'`` is what upstream ``train()`` minimises:
+  CE on KeNet's log-probabilities (= CE on the logits)."""
+  from jaxretina.train import classifiers
+
+  config = _paper_config("ra_net")
+  assert config.loss.name == "grading" and config.loss.detach_loss is False
+  with config.unlocked():
+    config.model.backbone = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
+    config.model.dropout_rate = 0.0
+    config.loss.name = "ce"
+  classifier = classifiers.build(config, 5, {"image": 3})
+  x = _features(4, (2, 64, 64, 3))
+  labels = jnp.array([1, 4])
+  variables = random_variables(classifier.module, x)
+  loss, _ = classifier.loss(variables, {}, {"image": x}, labels, jax.random.key(0), 0)
+  log_probs, _ = classifier.module.apply(variables, x, train=True, mutable=["batch_stats"])
+  expected = -np.mean(np.asarray(log_probs)[np.arange(2), np.asarray(labels)])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_paper_frozen_set_matches_the_train_step_fixture():
+  """The ``:paper`` (``variant=ra_net``) frozen patterns select exactly the fixture's ``meta.frozen``."""
+  import os
+
+  from flax import traverse_util
+
+  from conftest import parity_train_dir, require_parity_dir
+  from jaxretina import parity
+  from jaxretina.train.classification import frozen_mask
+
+  case_dir = os.path.join(require_parity_dir(parity_train_dir()), "bira_train_step")
+  if not os.path.isdir(case_dir):
+    pytest.skip(f"{case_dir} missing")
+  case = parity.load_case(case_dir)
+  trunk = resnet.from_constructor(case.constructor["backbone"], num_classes=None)
+  dense = int(case.constructor.get("channel_remap", {}).get("256", 256))
+  model = bira.KeNet(features=trunk, num_classes=5, dense_width=dense, matmul_masking=True)
+  placement = {}
+  shape = (1,) + parity.nchw_to_nhwc(case.inputs["x"]).shape[1:]
+  variables = bira.from_torch(case.weights, model, input_shape=shape, placement=placement)
+  trainable = traverse_util.flatten_dict(frozen_mask(variables["params"], _paper_config("ra_net").optimizer.frozen),
+                                         sep="/")
+  frozen = {path for path, t in trainable.items() if not t}
+  assert frozen == {"/".join(placement[key][1:]) for key in case.meta["frozen"]}

@@ -80,6 +80,8 @@ def test_local_run_trains_evaluates_and_writes_reports(name, data_dir, tmp_path)
     assert len(report["cam_iou_per_image"]) == n
   if name == "crd_net":
     assert set(report["heads"]) == {"image", "oct"}
+  if name == "fcn_clip":  # the notebook's validation loss, what its ReduceLROnPlateau monitors
+    assert np.isfinite(final["eval/classification/loss"]) and final["eval/classification/loss"] > 0
 
 
 def test_dualattendmed_step_updates_feature_centers_and_survives_resume(data_dir, tmp_path):

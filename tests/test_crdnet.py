@@ -133,3 +133,77 @@ def test_attention4d_downsample_and_uffn_mid_conv():
   assert ffn_vars["params"]["mid_conv_0"]["kernel"].shape == (3, 3, 1, 16)  # depthwise
   assert jax.eval_shape(ffn.apply, ffn_vars, x).shape == (1, 4, 6, 5)
   assert "mid_conv_0" not in random_variables(crdnet.UFFN(out_dim=5, use_mid_conv=False), x)["params"]
+
+
+def _torchvision_state_dict(tower, image_size: int, seed: int = 0) -> dict:
+  """A torchvision-layout ResNet ``state_dict`` (with the ``fc`` head, as torchvision ships it) for ``tower``."""
+  from flax import traverse_util
+
+  from jaxretina import parity
+
+  leaf_names = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
+                "var": "running_var", "num_batches_tracked": "num_batches_tracked"}
+  variables = random_variables(tower, jnp.zeros((1, image_size, image_size, 3)), seed=seed)
+  state_dict = {}
+  for path, value in traverse_util.flatten_dict(jax.tree.map(np.asarray, variables)).items():
+    value = value.transpose(3, 2, 0, 1) if path[-1] == "kernel" else value  # HWIO -> OIHW
+    state_dict[f"{parity.flax_path_to_torch(path[1:-1])}.{leaf_names[path[-1]]}"] = value
+  channels = state_dict["layer4.1.bn2.weight"].shape[0]
+  state_dict["fc.weight"] = np.zeros((1000, channels), np.float32)
+  state_dict["fc.bias"] = np.zeros((1000,), np.float32)
+  return state_dict
+
+
+def test_paper_recipe_feeds_oct_as_rgb_to_two_torchvision_initialised_towers(tmp_path):
+  """``:paper`` as upstream: two 3-channel ResNet-18 towers, BOTH loaded from ``config.init.backbone``,
+  and the grey OCT repeated to 3 channels by the data path (PIL L → RGB), then ImageNet-normalised
+  per channel as torchvision's ToTensor + Normalize would on the 'RGB' image."""
+  import os
+
+  from jaxretina.configlib import load_config_module
+  from jaxretina.data import pipeline
+  from jaxretina.train.classification import IMAGENET_MEAN, IMAGENET_STD, ClassificationTask
+  from jaxretina.train.loop import TrainState
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = load_config_module(os.path.join(repo, "configs", "crd_net.py")).get_config("paper")
+  assert config.data.fields == "image:3,oct:3"
+  with config.unlocked():  # shrink the towers; the recipe's structure stays
+    config.model.backbone_base_width, config.model.cross_dim = 8, 16
+    config.data.image_size, config.batch_size = 32, 2
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  task = ClassificationTask(config, mesh, np.arange(4) % 4)
+  assert task.classifier.module.in_channels == (3, 3)
+  towers = task.classifier.backbones()
+  assert sorted(towers) == [("backbone_x",), ("backbone_y",)]
+
+  state_dict = _torchvision_state_dict(towers[("backbone_x",)], 32, seed=1)
+  path = str(tmp_path / "resnet18_tiny.npz")
+  np.savez(path, **state_dict)
+  with config.unlocked():
+    config.init.backbone = path
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = random_variables(task.classifier.module, x, x, seed=2)
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+                     opt_state=task.tx.init(params), rng=jax.random.PRNGKey(0))
+  loaded = task.load_pretrained(state)
+  for tower in ("backbone_x", "backbone_y"):
+    np.testing.assert_array_equal(loaded.params[tower]["conv1"]["kernel"],
+                                  state_dict["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(loaded.params[tower]["layer4_1"]["bn2"]["scale"], state_dict["layer4.1.bn2.weight"])
+    np.testing.assert_array_equal(loaded.batch_stats[tower]["layer3_0"]["bn1"]["mean"],
+                                  state_dict["layer3.0.bn1.running_mean"])
+
+  # The data path: a grey OCT record read as field 'oct:3' repeats its one channel.
+  grey = np.random.default_rng(3).integers(0, 256, (32, 32, 1), dtype=np.uint8)
+  record = {"image": np.zeros((32, 32, 3), np.uint8), "oct": grey}
+  oct_rgb = pipeline.read_image([record], 0, field="oct", channels=3)
+  assert oct_rgb.shape == (32, 32, 3)
+  for c in range(3):
+    np.testing.assert_array_equal(oct_rgb[..., c], grey[..., 0])
+  inputs = task.prepare_inputs({"image": jnp.asarray(record["image"])[None], "oct": jnp.asarray(oct_rgb)[None]}, None)
+  for c in range(3):
+    np.testing.assert_allclose(inputs["oct"][0, ..., c], (grey[..., 0] / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c],
+                               rtol=1e-5, atol=1e-5)

@@ -7,7 +7,9 @@ import pytest
 
 from conftest import parity_dir, parity_train_dir, require_parity_dir
 
-TRAIN_STEP_CASES = ("keepfit_train_step", "flair_train_step")
+# One training step per system; every other case found beside them runs too.
+TRAIN_STEP_CASES = ("keepfit_train_step", "flair_train_step", "crdnet_train_step", "bira_train_step",
+                    "fcnclip_train_step", "dam_train_step", "cal_train_step")
 
 
 def _cases(d):
@@ -27,7 +29,8 @@ def test_fixture(case):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("case", TRAIN_STEP_CASES)
+@pytest.mark.parametrize("case", sorted(set(TRAIN_STEP_CASES) | set(c for c in _cases(parity_train_dir())
+                                                                      if c != "<missing>")))
 def test_train_step_fixture(case):
   d = require_parity_dir(parity_train_dir())
   from jaxretina import parity

@@ -180,7 +180,9 @@ _augment = jax.jit(aug.batch_augment, static_argnames=("mode", "theta", "padding
 def test_crop_of_full_box_is_identity_and_of_constant_is_constant():
   images = _normal((8, 30, 26, 3))
   flat = jnp.ones((8, 4, 5, 1))  # every pixel passes the threshold, padding clips to the image
-  np.testing.assert_allclose(_augment(images, flat, "crop", 0.5, 0.1), images, atol=1e-6)
+  # Exactly, as torch copies: jitted, a scale (L−1)/(out−1) computed as x·(1/(out−1)) is 1 − ulp and
+  # blends neighbouring pixels (errors ~1e-5 that flip downstream ReLU decisions).
+  np.testing.assert_array_equal(_augment(images, flat, "crop", 0.5, 0.1), images)
   # Upstream's box end int(r_max + pad·H) is exclusive: int(29 + 3.0000000000000004) = 32 → 30,
   # but with no padding int(29 + 0) = 29 cuts off the last row.
   upstream_box = aug.crop_boxes(flat[:1], (30, 26), 0.5, 0.0, drop_last_mask_row=True)

@@ -14,7 +14,7 @@ def tiny_keepfit_config(data_dir: str, *, steps: int = 3, mesh=(("data", -1),), 
   """The embedded KeepFIT config shrunk to a few-second compile: 32 px, base width 4, 2-layer BERT."""
   config = load_config_module(os.path.join(REPO_ROOT, "configs", "keepfit.py")).get_config(f"steps={steps}")
   with config.unlocked():
-    config.mesh = [tuple(a) for a in mesh]
+    config.mesh = ",".join(f"{name}:{size}" for name, size in mesh)
     config.data.data_dir = data_dir
     config.data.builder_kwargs = dict(TINY_DATA)
     config.data.image_size = 32

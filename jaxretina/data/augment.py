@@ -26,7 +26,10 @@ sampled parameters are plain arrays (``sample_flair_params``) so a caller can in
 under ``jit`` on a batch sharded over a mesh.
 
 General helpers for the classification recipes: ``random_affine``, ``random_rotation``,
-``random_resized_crop``, ``horizontal_flip``.
+``random_resized_crop``, ``horizontal_flip``, and torchvision's ``RandomCrop``/``CenterCrop``
+(``random_crop``, ``center_crop``), ``adjust_hue`` (with ``rgb_to_hsv``/``hsv_to_rgb``),
+``RandomAffine`` with translation (``torchvision_random_affine``) and ``RandomErasing``
+(``random_erasing``).
 """
 
 from __future__ import annotations
@@ -381,3 +384,149 @@ def _random_resized_crop_jit(key, images, size, scale, ratio):
     return bilinear_sample(image, grid_x, grid_y)
 
   return jax.vmap(one)(images, top, left, box_h, box_w).astype(images.dtype)
+
+
+def random_crop(key: Array, images: Array, size: tuple[int, int]) -> Array:
+  """torchvision ``RandomCrop(size)`` per sample (no padding): top ~ U{0..H−h}, left ~ U{0..W−w}.
+
+  images (B, H, W, C) → (B, h, w, C); an exact copy of a window, no resampling.
+  """
+  _check_images(images, "random_crop")
+  height, width = images.shape[1:3]
+  out_h, out_w = int(size[0]), int(size[1])
+  if not (0 < out_h <= height and 0 < out_w <= width):
+    raise ValueError(f"random_crop: crop {out_h}×{out_w} does not fit in images of {height}×{width}")
+  k_top, k_left = jax.random.split(key)
+  batch = images.shape[0]
+  tops = jax.random.randint(k_top, (batch,), 0, height - out_h + 1)
+  lefts = jax.random.randint(k_left, (batch,), 0, width - out_w + 1)
+  crop = lambda image, t, l: jax.lax.dynamic_slice(image, (t, l, 0), (out_h, out_w, image.shape[-1]))  # noqa: E731
+  return jax.vmap(crop)(images, tops, lefts)
+
+
+def center_crop_box(height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+  """(top, left) of torchvision ``CenterCrop(size)``: ``int(round((H − h) / 2))`` (Python rounding)."""
+  out_h, out_w = int(size[0]), int(size[1])
+  if not (0 < out_h <= height and 0 < out_w <= width):
+    raise ValueError(f"center_crop: crop {out_h}×{out_w} does not fit in images of {height}×{width}")
+  return int(round((height - out_h) / 2.0)), int(round((width - out_w) / 2.0))
+
+
+def center_crop(images, size: tuple[int, int]):
+  """torchvision ``CenterCrop(size)`` of (B, H, W, C) (jax or numpy) → (B, h, w, C)."""
+  top, left = center_crop_box(images.shape[1], images.shape[2], size)
+  return images[:, top:top + int(size[0]), left:left + int(size[1]), :]
+
+
+def rgb_to_hsv(image: Array) -> Array:
+  """torchvision's tensor ``_rgb2hsv``: (..., 3) RGB in [0, 1] → HSV, each in [0, 1]."""
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]
+  maxc = jnp.max(image, axis=-1)
+  minc = jnp.min(image, axis=-1)
+  eqc = maxc == minc
+  cr = maxc - minc
+  ones = jnp.ones_like(maxc)
+  s = cr / jnp.where(eqc, ones, maxc)
+  cr_divisor = jnp.where(eqc, ones, cr)
+  rc = (maxc - r) / cr_divisor
+  gc = (maxc - g) / cr_divisor
+  bc = (maxc - b) / cr_divisor
+  hr = jnp.where(maxc == r, bc - gc, 0.0)
+  hg = jnp.where((maxc == g) & (maxc != r), 2.0 + rc - bc, 0.0)
+  hb = jnp.where((maxc != g) & (maxc != r), 4.0 + gc - rc, 0.0)
+  h = jnp.mod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+  return jnp.stack([h, s, maxc], axis=-1)
+
+
+def hsv_to_rgb(image: Array) -> Array:
+  """torchvision's tensor ``_hsv2rgb``: (..., 3) HSV in [0, 1] → RGB."""
+  h, s, v = image[..., 0], image[..., 1], image[..., 2]
+  i = jnp.floor(h * 6.0)
+  f = h * 6.0 - i
+  i = i.astype(jnp.int32) % 6
+  p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
+  q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
+  t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+  r = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [v, q, p, p, t], v)
+  g = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [t, v, v, q, p], p)
+  b = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [p, p, t, v, v], q)
+  return jnp.stack([r, g, b], axis=-1)
+
+
+def adjust_hue(images: Array, factor: Array) -> Array:
+  """torchvision ``adjust_hue`` (tensor path): hue shifted by ``factor`` ∈ [−0.5, 0.5] turns.
+
+  images (B, H, W, 3) in [0, 1], factor (B,).
+  """
+  hsv = rgb_to_hsv(images)
+  hue = jnp.mod(hsv[..., 0] + factor[:, None, None], 1.0)
+  return hsv_to_rgb(jnp.concatenate([hue[..., None], hsv[..., 1:]], axis=-1))
+
+
+def torchvision_random_affine(key: Array, images: Array, degrees: float, translate: tuple[float, float] = (0.0, 0.0),
+                              scale: tuple[float, float] = (1.0, 1.0)) -> Array:
+  """torchvision ``RandomAffine(degrees, translate, scale)`` (no shear), per-sample draws, zeros outside.
+
+  Angle ~ U(−degrees, degrees); translation (round(U(−t_x·W, t_x·W)), round(U(−t_y·H, t_y·H))) pixels;
+  scale ~ U(scale). The map is torchvision's: rotation and scale about the image centre, then the
+  translation. Resampling is bilinear (torchvision's default is nearest; see the callers' docs).
+  images (B, H, W, C) → same shape.
+  """
+  _check_images(images, "torchvision_random_affine")
+  return _torchvision_affine_jit(key, images, jnp.float32(degrees), jnp.asarray(translate, jnp.float32),
+                                 jnp.asarray(scale, jnp.float32))
+
+
+@jax.jit
+def _torchvision_affine_jit(key, images, degrees, translate, scale):
+  batch, height, width = images.shape[:3]
+  k_angle, k_tx, k_ty, k_scale = jax.random.split(key, 4)
+  angle = jax.random.uniform(k_angle, (batch,), jnp.float32, -degrees, degrees)
+  tx = jnp.round(jax.random.uniform(k_tx, (batch,), jnp.float32, -translate[0] * width, translate[0] * width))
+  ty = jnp.round(jax.random.uniform(k_ty, (batch,), jnp.float32, -translate[1] * height, translate[1] * height))
+  scales = jax.random.uniform(k_scale, (batch,), jnp.float32, scale[0], scale[1])
+
+  def one(image, theta, s, dx, dy):
+    # Forward map T(c + t)·R·S·T(−c); its inverse is (centre rotation/scale)⁻¹ composed with T(−t).
+    untranslate = jnp.array([[1.0, 0.0, -dx], [0.0, 1.0, -dy], [0.0, 0.0, 1.0]], jnp.float32)
+    return warp_affine(image, rotation_scale_inverse(theta, s, height, width) @ untranslate)
+
+  return jax.vmap(one)(images, angle, scales, tx, ty).astype(images.dtype)
+
+
+def random_erasing(key: Array, images: Array, p: float, scale: tuple[float, float] = (0.02, 0.33),
+                   ratio: tuple[float, float] = (0.3, 3.3), value=0.0) -> Array:
+  """torchvision ``RandomErasing(p, scale, ratio, value)`` per sample.
+
+  With probability p a box is filled with ``value`` (a scalar or one value per channel): 10 tries of
+  area ~ U(scale)·H·W and log-aspect ~ U(log ratio), h = round(√(area·aspect)), w = round(√(area/aspect));
+  the first with h < H and w < W wins (top ~ U{0..H−h}, left ~ U{0..W−w}); none fitting erases
+  nothing, as torchvision. images (B, H, W, C) → same shape.
+  """
+  _check_images(images, "random_erasing")
+  value = jnp.broadcast_to(jnp.asarray(value, images.dtype), images.shape[-1:])
+  return _random_erasing_jit(key, images, jnp.float32(p), jnp.asarray(scale, jnp.float32),
+                             jnp.asarray(ratio, jnp.float32), value)
+
+
+@jax.jit
+def _random_erasing_jit(key, images, p, scale, ratio, value):
+  batch, height, width = images.shape[:3]
+  tries = 10
+  k_apply, k_area, k_ratio, k_top, k_left = jax.random.split(key, 5)
+  area = height * width * jax.random.uniform(k_area, (batch, tries), jnp.float32, scale[0], scale[1])
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (batch, tries), jnp.float32, jnp.log(ratio[0]), jnp.log(ratio[1])))
+  box_h = jnp.round(jnp.sqrt(area * aspect))
+  box_w = jnp.round(jnp.sqrt(area / aspect))
+  fits = (box_h < height) & (box_w < width)
+  first = jnp.argmax(fits, axis=1)
+  pick = lambda a: jnp.take_along_axis(a, first[:, None], axis=1)[:, 0]  # noqa: E731
+  box_h, box_w = pick(box_h), pick(box_w)
+  erase = jax.random.bernoulli(k_apply, p, (batch,)) & jnp.any(fits, axis=1)
+  top = jnp.floor(jax.random.uniform(k_top, (batch,)) * (height - box_h + 1))
+  left = jnp.floor(jax.random.uniform(k_left, (batch,)) * (width - box_w + 1))
+  rows = jnp.arange(height, dtype=jnp.float32)[None, :, None]
+  cols = jnp.arange(width, dtype=jnp.float32)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None]) & erase[:, None, None])
+  return jnp.where(inside[..., None], value, images)

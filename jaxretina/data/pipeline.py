@@ -690,6 +690,63 @@ class RecordSubset:
     return _record(self.source, int(self.indices[int(index)]))
 
 
+class ConcatSource:
+  """Several random-access sources one after the other (position k of source j after all of 0..j−1)."""
+
+  def __init__(self, sources: Sequence):
+    if not sources:
+      raise ValueError("ConcatSource: no sources given")
+    self.sources = list(sources)
+    self._offsets = np.cumsum([0] + [len(s) for s in self.sources])
+    self.name = " + ".join(_where(s) for s in self.sources)
+    self.split = None
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"ConcatSource: index {index} outside [0, {len(self)})")
+    j = int(np.searchsorted(self._offsets, index, side="right")) - 1
+    return _record(self.sources[j], index - int(self._offsets[j]))
+
+
+def split_by_fractions(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+  """Disjoint index sets covering ``range(n)``: a seeded random order cut into pieces by fraction.
+
+  Like torch's ``random_split(range(n), [int(f₀·n), int(f₁·n), …, rest])`` as the FCN-CLIP notebook
+  calls it: every piece but the last gets ``int(f·n)`` records, the last the remainder. The order is
+  numpy's ``default_rng(seed).permutation(n)``, not torch's ``randperm``, so the membership differs
+  from upstream's for the same seed (the sizes agree).
+  """
+  fractions = [float(f) for f in fractions]
+  if not fractions or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+    raise ValueError(f"split fractions {fractions}: expected non-negative fractions summing to 1")
+  sizes = [int(f * n) for f in fractions[:-1]]
+  sizes.append(n - sum(sizes))
+  order = np.random.default_rng(int(seed)).permutation(n)
+  return [order[start:start + size] for start, size in zip(np.cumsum([0] + sizes[:-1]), sizes)]
+
+
+def resample_to_class_counts(source, class_counts: Sequence[int], num_classes: int) -> RecordSubset:
+  """The FCN-CLIP notebook's ``oversample_dataset``: class c (in order 0, 1, …) contributes exactly
+  ``class_counts[c]`` records, its records in source order taken cyclically (so a class with more
+  records than its count is *under*-sampled). A class with no record and a positive count is an error.
+  """
+  labels = record_labels(source, num_classes)
+  if len(class_counts) != num_classes or any(int(c) < 0 for c in class_counts):
+    raise ValueError(f"class counts {list(class_counts)}: expected {num_classes} non-negative counts")
+  indices = []
+  for c, count in enumerate(class_counts):
+    members = np.flatnonzero(labels == c)
+    if count and not len(members):
+      raise ValueError(f"class counts {list(class_counts)}: class {c} has no record in {_where(source)} to "
+                       f"resample {count} times")
+    indices.extend(members[k % len(members)] for k in range(int(count)))
+  return RecordSubset(source, indices, f"resampled to class counts {list(class_counts)}")
+
+
 def pretraining_source(source, *, balance: bool = False, banned_categories: Sequence[str] = (),
                        banned_match: str = "substring", seed: int = 0):
   """The records upstream pretraining samples from, and how.

@@ -47,7 +47,8 @@ def _run(task, variables, mesh, source, batch_size: int, fn, limit: int | None =
   for batch in pipeline.labelled_batches(source, batch_size=batch_size, process_index=jax.process_index(),
                                          process_count=jax.process_count(), image_size=task.config.data.image_size,
                                          fields=task.fields, num_classes=task.num_classes):
-    inputs = distributed.global_batch({k: batch[k] for k in (*task.fields, "label")}, mesh)
+    # "index" (record index, −1 for padding) keys augment_eval_splits' draws; models ignore it.
+    inputs = distributed.global_batch({k: batch[k] for k in (*task.fields, "label", "index")}, mesh)
     out = fn(variables, inputs)
     mask = _gather(batch["mask"])
     rows = {"label": _gather(batch["label"])[mask], "index": _gather(batch["index"])[mask]}
@@ -69,6 +70,7 @@ def classification(task, variables, mesh, cfg) -> dict[str, Any]:
   batch_size = int(cfg.get("batch_size", task.global_batch_size))
   batch_size = max(batch_size - batch_size % shards, shards)
   want_cam = bool(cfg.get("cam_iou", False)) and hasattr(task.classifier, "cam_features")
+  want_loss = hasattr(task.classifier, "eval_loss")
   cam_weights = _cam_head(task, variables, mesh, cfg, batch_size) if want_cam else None
 
   def evaluate_batch(v, batch):
@@ -79,6 +81,8 @@ def classification(task, variables, mesh, cfg) -> dict[str, Any]:
     for key, value in out.items():  # CRD-Net's single-modality heads: logits_<field>
       if key.startswith("logits_") and key != "logits_raw":
         result["probs_" + key[len("logits_"):]] = jax.nn.softmax(value.astype(jnp.float32), axis=-1)
+    if want_loss:  # the classifier's own evaluation loss per example (FCN-CLIP's validation loss)
+      result["loss"] = task.classifier.eval_loss(out, batch["label"]).astype(jnp.float32)
     if want_cam:
       # The pseudo ground truth: the CAM of the true label under the fitted (or untrained) head.
       features = task.classifier.cam_features(v, task.prepare_inputs(batch, None))
@@ -93,6 +97,9 @@ def classification(task, variables, mesh, cfg) -> dict[str, Any]:
            for key, value in out.items() if key.startswith("probs_")}
   if heads:
     results["heads"] = heads
+  if want_loss:
+    # The mean over examples (upstream averages batch means; equal up to a smaller last batch).
+    results["loss"] = float(np.mean(out["loss"]))
   if want_cam:
     from jaxretina.evaluators import cam
 
@@ -108,7 +115,7 @@ def classification(task, variables, mesh, cfg) -> dict[str, Any]:
     _write_outputs(out_dir, task, source, results, labels, probs, out["index"], out.get("attention"),
                    int(cfg.get("heatmaps", 8)))
     results["output_dir"] = out_dir
-  summary = {k: float(results[k]) for k in SUMMARY_KEYS if k in results}
+  summary = {k: float(results[k]) for k in (*SUMMARY_KEYS, "loss") if k in results}
   summary.update({k: float(results[k]) for k in ("cam_iou_mean", "cam_iou_std") if k in results})
   for head, head_results in results.get("heads", {}).items():
     summary[f"{head}_head/accuracy"] = float(head_results["accuracy"])
@@ -135,6 +142,7 @@ def _cam_head(task, variables, mesh, cfg, batch_size) -> jax.Array:
 
 def _write_outputs(out_dir, task, source, results, labels, probs, indices, attention, num_heatmaps) -> None:
   from jaxretina.data import pipeline
+  from jaxretina.data.augment import center_crop
   from jaxretina.evaluators import plots
 
   os.makedirs(out_dir, exist_ok=True)
@@ -151,6 +159,8 @@ def _write_outputs(out_dir, task, source, results, labels, probs, indices, atten
   preds = np.argmax(probs, axis=-1)
   for i in range(min(num_heatmaps, len(labels))):
     image = pipeline.read_image(source, int(indices[i]), field, channels, task.config.data.image_size)
+    if getattr(task, "crop_size", None):  # what the model saw: the evaluation centre crop
+      image = center_crop(image[None], (task.crop_size, task.crop_size))[0]
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)
     overlay = plots.heatmap_overlay(image, np.asarray(attention[i], np.float32))

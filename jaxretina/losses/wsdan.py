@@ -7,6 +7,8 @@ Attention maps are NHWC (B,h,w,M); feature matrices and centers are (B, M·C), M
 * ``cal_classification_loss`` / ``cal_loss``: CAL's training objective.
 * ``dualattendmed_classification_loss`` / ``dualattendmed_loss``: DualAttendMed's objective with
   the README's λ = 1.0 / 0.5 / 0.1 (upstream's script leaves them undefined).
+* ``cal_classification_terms`` / ``dualattendmed_classification_terms``: the unweighted
+  cross-entropies the classification losses combine (logged by the trainer under upstream's names).
 
 Upstream quirk: ``Auxiliary_Loss_v2(margin=1)`` builds ``torch.Tensor(1)``, an *uninitialised*
 one-element tensor, so upstream's default inter-class margin is whatever memory held. Here the
@@ -22,6 +24,9 @@ import optax
 from jaxretina.models.layers import l2_normalize
 
 DUALATTENDMED_LAMBDAS = (1.0, 0.5, 0.1)  # classification, attention alignment, diversity
+# The fixed weights of the terms (``*_classification_terms``) inside the classification losses.
+DUALATTENDMED_CLS_WEIGHTS = {"cls_coarse": 1.0 / 6.0, "cls_fine": 2.0 / 6.0, "cls_aux": 3.0 / 6.0}
+CAL_LOSS_WEIGHTS = {"ce_raw": 1.0 / 3.0, "ce_aux": 1.0, "ce_aug": 2.0 / 3.0, "center": 1.0}
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -109,16 +114,28 @@ def auxiliary_loss_v2(feature_matrix: jax.Array, feature_centers: jax.Array, num
   return intra + inter
 
 
+def cal_classification_terms(logits: jax.Array, effect_logits: jax.Array, aug_logits: jax.Array,
+                             aug_effect_logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """CAL's three cross-entropies, unweighted, by upstream's names.
+
+  ``ce_raw`` = CE(p_raw, y); ``ce_aux`` = CE([p_aux; p_aux_aug], [y;y;y]) (the counterfactual
+  effect logits of both passes); ``ce_aug`` = CE(p_aug, [y;y]). ``aug_*`` are the (2B, K) logits
+  of the [crop; drop] batch.
+  """
+  y2 = jnp.concatenate([labels, labels])
+  return {"ce_raw": _cross_entropy(logits, labels),
+          "ce_aux": _cross_entropy(jnp.concatenate([effect_logits, aug_effect_logits]), jnp.concatenate([labels, y2])),
+          "ce_aug": _cross_entropy(aug_logits, y2)}
+
+
 def cal_classification_loss(logits: jax.Array, effect_logits: jax.Array, aug_logits: jax.Array,
                             aug_effect_logits: jax.Array, labels: jax.Array) -> jax.Array:
   """CAL: CE(p_raw)/3 + CE([p_aux; p_aux_aug], [y;y;y])·3/3 + CE(p_aug, [y;y])·2/3.
 
   ``aug_*`` are the (2B, K) logits of the [crop; drop] batch.
   """
-  y2 = jnp.concatenate([labels, labels])
-  return (_cross_entropy(logits, labels) / 3.0
-          + _cross_entropy(jnp.concatenate([effect_logits, aug_effect_logits]), jnp.concatenate([labels, y2]))
-          + _cross_entropy(aug_logits, y2) * 2.0 / 3.0)
+  terms = cal_classification_terms(logits, effect_logits, aug_logits, aug_effect_logits, labels)
+  return terms["ce_raw"] / 3.0 + terms["ce_aux"] + terms["ce_aug"] * 2.0 / 3.0
 
 
 def cal_loss(logits, effect_logits, aug_logits, aug_effect_logits, labels, feature_matrix,
@@ -134,11 +151,21 @@ def cal_loss(logits, effect_logits, aug_logits, aug_effect_logits, labels, featu
 def dualattendmed_classification_loss(logits: jax.Array, effect_logits: jax.Array, aug_logits: jax.Array,
                                       aug_effect_logits: jax.Array, labels: jax.Array) -> jax.Array:
   """DualAttendMed: (CE(p_raw) + 2·CE(p_aug, [y;y]) + 3·CE([p_aux; p_aux_aug], [y;y;y])) / 6."""
+  terms = dualattendmed_classification_terms(logits, effect_logits, aug_logits, aug_effect_logits, labels)
+  return (terms["cls_coarse"] + 2.0 * terms["cls_fine"] + 3.0 * terms["cls_aux"]) / 6.0
+
+
+def dualattendmed_classification_terms(logits: jax.Array, effect_logits: jax.Array, aug_logits: jax.Array,
+                                       aug_effect_logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """DualAttendMed's three cross-entropies, unweighted, by upstream's names.
+
+  ``cls_coarse`` = CE(p_raw, y); ``cls_fine`` = CE(p_aug, [y;y]); ``cls_aux`` =
+  CE([p_aux; p_aux_aug], [y;y;y]).
+  """
   y2 = jnp.concatenate([labels, labels])
-  coarse = _cross_entropy(logits, labels)
-  fine = _cross_entropy(aug_logits, y2)
-  aux = _cross_entropy(jnp.concatenate([effect_logits, aug_effect_logits]), jnp.concatenate([labels, y2]))
-  return (coarse + 2.0 * fine + 3.0 * aux) / 6.0
+  return {"cls_coarse": _cross_entropy(logits, labels),
+          "cls_fine": _cross_entropy(aug_logits, y2),
+          "cls_aux": _cross_entropy(jnp.concatenate([effect_logits, aug_effect_logits]), jnp.concatenate([labels, y2]))}
 
 
 def dualattendmed_aux_clamp(epoch: int | jax.Array) -> jax.Array:

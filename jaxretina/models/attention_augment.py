@@ -146,23 +146,41 @@ def _box_edges(hits: jax.Array, size: int, padding_ratio: float,
   return start, end
 
 
-def _resize_window(image: jax.Array, start: jax.Array, length: jax.Array, out_size: int, axis: int) -> jax.Array:
-  """align_corners=True bilinear resize of ``image[start:start+length]`` along ``axis`` to ``out_size``."""
+def _crop_taps(start: jax.Array, length: jax.Array, out_size: int) -> tuple[jax.Array, ...]:
+  """Source rows (lo, hi) and weights (λ0, λ1) of an align_corners=True resize of ``[start, start+length)``.
+
+  As torch's ``compute_source_index_and_lambda``: src = scale·dst, lo = min(⌊src⌋, L − 1),
+  hi = min(lo + 1, L − 1), λ1 = clip(src − lo, 0, 1), λ0 = 1 − λ1.
+  """
   if out_size == 1:
     src = jnp.zeros((1,), jnp.float32)
   else:
-    # torch: scale = float(in - 1) / (out - 1) in float32, src = scale · dst.
-    scale = (length - 1).astype(jnp.float32) / jnp.float32(out_size - 1)
-    src = jnp.arange(out_size, dtype=jnp.float32) * scale
+    # scale = float32(L − 1) / (out − 1), looked up from a table divided on the host: under jit XLA
+    # turns the division by a constant into a multiplication by its reciprocal, so 47/47 would be
+    # 0.99999994 and an identity crop would blend neighbouring pixels.
+    scales = np.asarray([np.float32(max(n - 1, 0)) / np.float32(out_size - 1) for n in range(out_size + 1)],
+                        np.float32)
+    src = jnp.arange(out_size, dtype=jnp.float32) * jnp.asarray(scales)[length]
   lo = jnp.minimum(jnp.floor(src).astype(jnp.int32), length - 1)
   hi = jnp.minimum(lo + 1, length - 1)
-  frac = src - lo.astype(jnp.float32)
-  a = jnp.take(image, start + lo, axis=axis)
-  b = jnp.take(image, start + hi, axis=axis)
-  shape = [1] * image.ndim
-  shape[axis] = out_size
-  frac = frac.reshape(shape)
-  return a * (1.0 - frac) + b * frac
+  lambda1 = jnp.clip(src - lo.astype(jnp.float32), 0.0, 1.0)
+  return start + lo, start + hi, 1.0 - lambda1, lambda1
+
+
+def _crop_resize(image: jax.Array, box: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """``F.upsample_bilinear(image[h0:h1, w0:w1], size)`` for one (H,W,C) image, box ``[h0, h1, w0, w1]``.
+
+  Summed as torch's CPU kernel for these sizes does (``cpu_upsample_linear_channels_last``):
+  i00·(λh0·λw0) + i01·(λh0·λw1) + i10·(λh1·λw0) + i11·(λh1·λw1).
+  """
+  height, width = size
+  h_lo, h_hi, h0, h1 = _crop_taps(box[0], box[1] - box[0], height)
+  w_lo, w_hi, w0, w1 = _crop_taps(box[2], box[3] - box[2], width)
+  rows_lo, rows_hi = jnp.take(image, h_lo, axis=0), jnp.take(image, h_hi, axis=0)
+  corner = lambda rows, cols: jnp.take(rows, cols, axis=1)  # noqa: E731
+  weight = lambda a, b: (a[:, None] * b[None, :])[..., None]  # noqa: E731
+  return (corner(rows_lo, w_lo) * weight(h0, w0) + corner(rows_lo, w_hi) * weight(h0, w1)
+          + corner(rows_hi, w_lo) * weight(h1, w0) + corner(rows_hi, w_hi) * weight(h1, w1))
 
 
 def attention_crop(images: jax.Array, attention_map: jax.Array, theta: Theta = 0.5, padding_ratio: float = 0.1,
@@ -188,12 +206,8 @@ def attention_crop(images: jax.Array, attention_map: jax.Array, theta: Theta = 0
                      drop_last_mask_row=drop_last_mask_row)
   dtype = images.dtype
 
-  def one(image, box):
-    h0, h1, w0, w1 = box[0], box[1], box[2], box[3]
-    rows = _resize_window(image.astype(jnp.float32), h0, h1 - h0, height, axis=0)
-    return _resize_window(rows, w0, w1 - w0, width, axis=1)
-
-  return jax.vmap(one)(images, boxes).astype(dtype)
+  crop = lambda image, box: _crop_resize(image.astype(jnp.float32), box, (height, width))  # noqa: E731
+  return jax.vmap(crop)(images, boxes).astype(dtype)
 
 
 def batch_augment(images: jax.Array, attention_map: jax.Array, mode: str = "crop", theta: Theta = 0.5,

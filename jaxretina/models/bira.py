@@ -27,6 +27,7 @@ does not compile; the third-party reimplementation reduces the outer product dif
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -78,7 +79,8 @@ class KeNet(nn.Module):
   """BiRA-Net's RA-Net as coded upstream: ``(B, H, W, 3) → log-probabilities (B, num_classes)``.
 
   ``features`` is the trunk, a ``resnet.ResNet`` with ``num_classes=None`` (ResNet-50 upstream);
-  it is adopted under the name ``features``. Sown into ``'intermediates'``: ``trunk_output``
+  it is adopted under the name ``features``. ``dense_width`` is the hidden width of the dense
+  head (upstream 256). Sown into ``'intermediates'``: ``trunk_output``
   (trunk output), ``attention`` (Net-A map, (B, h, w, 1)) and ``gap`` (the pooled vector, (B, C)).
   Unlike upstream's ``torch.squeeze``, a batch of one keeps its batch axis. Dropout needs a
   ``'dropout'`` PRNG key when ``train``.
@@ -88,6 +90,7 @@ class KeNet(nn.Module):
   num_classes: int = 5
   dropout_rate: float = 0.5
   matmul_masking: bool = False
+  dense_width: int = 256
   dtype: Dtype | None = None
 
   @nn.compact
@@ -99,13 +102,13 @@ class KeNet(nn.Module):
     self.sow("intermediates", "trunk_output", feats)
     self.sow("intermediates", "attention", a)
     self.sow("intermediates", "gap", gap)
-    logits = _dense_head(gap, self.num_classes, self.dropout_rate, train, self.dtype)
+    logits = _dense_head(gap, self.num_classes, self.dropout_rate, train, self.dtype, self.dense_width)
     return jax.nn.log_softmax(logits, axis=-1)
 
 
-def _dense_head(v, num_classes, dropout_rate, train, dtype):
+def _dense_head(v, num_classes, dropout_rate, train, dtype, width=256):
   """``denses`` = Linear(C→256) → Dropout → Linear(256→K), no activation between (as upstream)."""
-  h = Linear(256, dtype=dtype, name="denses_0")(v)
+  h = Linear(width, dtype=dtype, name="denses_0")(v)
   h = nn.Dropout(dropout_rate, deterministic=not train)(h)
   return Linear(num_classes, dtype=dtype, name="denses_2")(h)
 
@@ -184,19 +187,35 @@ def interclass_loss(log_probs: jax.Array, labels: jax.Array, *, detach_loss: boo
   return jax.lax.stop_gradient(loss) if detach_loss else loss
 
 
+# What upstream ``train()`` freezes (``requires_grad=False``, left out of SGD): the trunk's stem,
+# layer1 and layer2 (``features[:-2]``, the ImageNet-pretrained low levels) and ``up_c2`` (the
+# constant-1 1×1 conv that copies the attention map onto every channel). Paths relative to one
+# RA-Net (``KeNet``, or a ``BiRANet`` branch).
+_UPSTREAM_FROZEN = (r"features/(conv1|bn1|layer1_|layer2_)", r"ra/up_c2/")
+
+
+def upstream_frozen_patterns(variant: str = "ra_net") -> list[str]:
+  """``config.optimizer.frozen`` regexes of the parameters upstream's ``train()`` freezes.
+
+  ``variant``: 'ra_net' (``KeNet``, parameters at the root) or 'bira_net' (``BiRANet``: the same
+  parts in both branches).
+  """
+  if variant not in ("ra_net", "bira_net"):
+    raise ValueError(f"upstream_frozen_patterns: variant {variant!r}, expected 'ra_net' or 'bira_net'")
+  prefix = "^" if variant == "ra_net" else "^branch_[12]/"
+  return [prefix + p for p in _UPSTREAM_FROZEN]
+
+
 def upstream_trainable_mask(params: Mapping[str, Any]) -> Any:
   """``KeNet`` parameters that upstream trains (True) — a mask for ``optax.masked``.
 
-  ``train.py`` freezes the trunk's stem, layer1 and layer2 (``features[:-2]``) and ``up_c2``;
-  layer3, layer4, Net-A and the dense layers train.
+  ``train.py`` freezes the trunk's stem, layer1 and layer2 (``features[:-2]``) and ``up_c2``
+  (``upstream_frozen_patterns``); layer3, layer4, Net-A and the dense layers train.
   """
-  frozen_prefixes = ("conv1", "bn1", "layer1_", "layer2_")
-  flat = traverse_util.flatten_dict(dict(params))
-  mask = {}
-  for path in flat:
-    in_trunk = path[0] == "features" and len(path) > 1 and path[1].startswith(frozen_prefixes)
-    mask[path] = not (in_trunk or "up_c2" in path)
-  return traverse_util.unflatten_dict(mask)
+  frozen = [re.compile(p) for p in upstream_frozen_patterns("ra_net")]
+  flat = traverse_util.flatten_dict(dict(params), sep="/")
+  mask = {path: not any(f.search(path) for f in frozen) for path in flat}
+  return traverse_util.unflatten_dict(mask, sep="/")
 
 
 _SEQUENTIAL_TRUNK = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
@@ -219,9 +238,13 @@ def upstream_key(key: str) -> str:
 
 
 def from_torch(state_dict: Mapping[str, Any], module: KeNet, *, input_shape=(1, 64, 64, 3), prefix: str = "",
-               source: str = "state_dict") -> dict:
-  """Upstream ``KeNet`` state_dict → variables of ``module`` (a ``KeNet``)."""
+               source: str = "state_dict", placement: dict | None = None) -> dict:
+  """Upstream ``KeNet`` state_dict → variables of ``module`` (a ``KeNet``).
+
+  ``placement`` receives torch key → Flax path (``convert.convert_state_dict``).
+  """
   if not isinstance(module, KeNet):
     raise TypeError(f"bira.from_torch converts KeNet checkpoints, got {type(module).__name__}")
   target = convert.variables_shape(module, jnp.zeros(input_shape, jnp.float32))
-  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=upstream_key, source=source)
+  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=upstream_key, source=source,
+                                    placement=placement)

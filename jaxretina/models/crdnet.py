@@ -250,7 +250,10 @@ class CRDNet(nn.Module):
   skip_stem_maxpool: bool = False
   dtype: Dtype | None = None
 
-  def _tower(self, name: str, in_ch: int) -> resnet.ResNet:
+  # Not wrapped as a module method: called outside ``__call__`` (the trainer's ``backbones()`` for
+  # ``config.init.backbone``), a wrapped method would adopt the tower as a child of an unbound module.
+  @nn.nowrap
+  def _tower(self, name: str | None, in_ch: int) -> resnet.ResNet:
     return resnet.ResNet(block=self.backbone_block, layers=tuple(self.backbone_layers), num_classes=None,
                          base_width=self.backbone_base_width, use_maxpool=not self.skip_stem_maxpool,
                          stem_conv_bias=in_ch != 3, dtype=self.dtype, name=name)
@@ -304,23 +307,40 @@ def crdnet_loss(outputs: tuple[jax.Array, jax.Array, jax.Array], labels: jax.Arr
   ``outputs`` is ``CRDNet``'s ``(out, out_x, out_y)``; ``labels`` (B,) ints. Upstream
   (``main_multimodel.py``) uses equal weights 1/1/1.
   """
-  if len(outputs) != 3 or len(weights) != 3:
-    raise ValueError(f"crdnet_loss: expected 3 logits arrays and 3 weights, got {len(outputs)} and {len(weights)}")
-  labels = jnp.asarray(labels)
+  if len(weights) != 3:
+    raise ValueError(f"crdnet_loss: expected 3 weights, got {len(weights)}")
   total = 0.0
-  for logits, w in zip(outputs, weights):
-    if logits.shape[:1] != labels.shape:
-      raise ValueError(f"crdnet_loss: logits {logits.shape} do not match labels {labels.shape}")
-    total = total + w * optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+  for term, w in zip(crdnet_loss_terms(outputs, labels), weights):
+    total = total + w * term
   return total
 
 
+def crdnet_loss_terms(outputs: tuple[jax.Array, jax.Array, jax.Array],
+                      labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The unweighted terms of ``crdnet_loss``: ``(CE(out), CE(out_x), CE(out_y))``, mean CE each."""
+  if len(outputs) != 3:
+    raise ValueError(f"crdnet_loss: expected 3 logits arrays (out, out_x, out_y), got {len(outputs)}")
+  labels = jnp.asarray(labels)
+  terms = []
+  for logits in outputs:
+    if logits.shape[:1] != labels.shape:
+      raise ValueError(f"crdnet_loss: logits {logits.shape} do not match labels {labels.shape}")
+    terms.append(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean())
+  return tuple(terms)
+
+
 def from_torch(state_dict: Mapping[str, Any], module: nn.Module, *sample_inputs: jax.Array, prefix: str = "",
-               source: str = "state_dict") -> dict:
+               source: str = "state_dict", placement: dict | None = None) -> dict:
   """Converts an upstream CRD-Net (or sub-block) torch ``state_dict`` for ``module``.
 
   ``sample_inputs`` are NHWC arrays (or ShapeDtypeStructs) shaped like the module's inputs (only
   their channel counts matter for the variables); every key must find its place, and vice versa.
+  Keys saved through upstream's ``nn.DataParallel`` wrapper (``module.`` prefix) convert as well.
+  ``placement`` receives torch key (as given) → Flax path (``convert.convert_state_dict``).
   """
   target = convert.variables_shape(module, *sample_inputs)
-  return convert.convert_state_dict(state_dict, target, prefix=prefix, source=source)
+  rename = None
+  if not prefix and any(k.startswith("module.") for k in state_dict):
+    rename = lambda key: key.removeprefix("module.")  # noqa: E731
+  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=rename, source=source,
+                                    placement=placement)

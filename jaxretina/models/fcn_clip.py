@@ -277,7 +277,8 @@ def encoder_variables_from_flair(fcn_variables: Mapping[str, Any], flair_variabl
 
 
 def from_torch(state_dict: Mapping[str, Any], model: FCNCLIP, *, image_shape=(1, 64, 64, 3),
-               flair_model: flair.TwoTower | None = None, source: str = "state_dict"):
+               flair_model: flair.TwoTower | None = None, source: str = "state_dict",
+               placement: dict | None = None):
   """Upstream ``FCN_CLIP`` state_dict → FCN-CLIP variables [and FLAIR ``TwoTower`` variables].
 
   Upstream registers the encoder twice (``clip_model.vision_model.*`` and ``vision_model.*``, one
@@ -285,6 +286,8 @@ def from_torch(state_dict: Mapping[str, Any], model: FCNCLIP, *, image_shape=(1,
   ``fusion.*`` is always present upstream; it is ignored when ``model.use_fusion`` is False.
   With ``flair_model``, the whole ``clip_model.*`` sub-tree (text tower included, needed for the
   class prototypes) is converted too and ``(fcn_variables, flair_variables)`` is returned.
+  ``placement`` receives torch key → Flax path of the FCN-CLIP variables
+  (``convert.convert_state_dict``); both names of an encoder tensor map to its one path.
   """
   for key, value in state_dict.items():
     if key.startswith("vision_model."):
@@ -294,7 +297,11 @@ def from_torch(state_dict: Mapping[str, Any], model: FCNCLIP, *, image_shape=(1,
                                       "under both names, so the checkpoint is inconsistent")
   target = convert.variables_shape(model, jnp.zeros(image_shape, jnp.float32))
   ignore = [r"^clip_model\."] + ([] if model.use_fusion else [r"^fusion\."])
-  variables = convert.convert_state_dict(state_dict, target, ignore=ignore, source=source)
+  variables = convert.convert_state_dict(state_dict, target, ignore=ignore, source=source, placement=placement)
+  if placement is not None:
+    for key in state_dict:
+      if key.startswith("clip_model.vision_model.") and key.removeprefix("clip_model.") in placement:
+        placement[key] = placement[key.removeprefix("clip_model.")]
   if flair_model is None:
     return variables
   flair_variables = flair.from_torch(state_dict, flair_model, prefix="clip_model.", image_shape=image_shape,

@@ -320,16 +320,18 @@ def torch_key_rename(key: str) -> str | None:
 
 
 def from_torch(state_dict: Mapping[str, Any], module: WSDAN, *, input_shape: tuple[int, ...] | None = None,
-               prefix: str = "", source: str = "state_dict") -> dict:
+               prefix: str = "", source: str = "state_dict", placement: dict | None = None) -> dict:
   """Upstream ``WSDAN_CAL.state_dict()`` → ``{'params', 'batch_stats'}`` for ``module``.
 
   ``input_shape``: NHWC shape used to trace the variables: default an image (1,64,64,3), or
   (1,4,4,2048) for a head-only module (set it when the feature width differs).
+  ``placement``: receives torch key → Flax path (``convert.convert_state_dict``).
   """
   if input_shape is None:
     input_shape = (1, 64, 64, 3) if module.backbone_layers is not None else (1, 4, 4, 2048)
   target = convert.variables_shape(module, jnp.zeros(input_shape, jnp.float32))
-  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=torch_key_rename, source=source)
+  return convert.convert_state_dict(state_dict, target, prefix=prefix, rename=torch_key_rename, source=source,
+                                    placement=placement)
 
 
 # ------------------------------------------------------------------------------- feature centers

@@ -97,9 +97,8 @@ def _remap(c: dict, width: int) -> int:
   return int((c.get("channel_remap") or {}).get(str(width), width))
 
 
-@parity.register(REPO, "CrossMaResNet")
-def crossmaresnet(case: parity.Case) -> dict:
-  c = case.constructor
+def _model_fields(c: dict) -> dict:
+  """``CrossMaResNet`` constructor (fixture ``constructor``) → ``crdnet.CRDNet`` fields."""
   backbone = resnet.from_constructor(c.get("backbone") or {"block": "BasicBlock", "layers": [2, 2, 2, 2]},
                                      num_classes=None)
   gate = dict((c.get("cross_att_stage4") or {}).get("CrossGate") or {})
@@ -109,12 +108,16 @@ def crossmaresnet(case: parity.Case) -> dict:
   dim = int(gate.get("dim", _remap(c, 1024)))
   if int(gate.get("x_ch", feat)) != feat or int(gate.get("y_ch", feat)) != feat:
     raise ValueError(f"CrossMaResNet: CrossGate channels {gate} != tower output width {feat}")
-  model = crdnet.CRDNet(num_classes=int(c.get("num_classes", 4)),
-                        in_channels=(int(c.get("in_ch_x", 3)), int(c.get("in_ch_y", 3))),
-                        backbone_block=backbone.block, backbone_layers=tuple(backbone.layers),
-                        backbone_base_width=backbone.base_width, cross_dim=dim,
-                        num_heads=int(gate.get("num_head", 4)),
-                        skip_stem_maxpool=True)  # upstream backbone_forward skips the max-pool
+  return dict(num_classes=int(c.get("num_classes", 4)),
+              in_channels=(int(c.get("in_ch_x", 3)), int(c.get("in_ch_y", 3))),
+              backbone_block=backbone.block, backbone_layers=tuple(backbone.layers),
+              backbone_base_width=backbone.base_width, cross_dim=dim, num_heads=int(gate.get("num_head", 4)),
+              skip_stem_maxpool=True)  # upstream backbone_forward skips the max-pool
+
+
+@parity.register(REPO, "CrossMaResNet")
+def crossmaresnet(case: parity.Case) -> dict:
+  model = crdnet.CRDNet(**_model_fields(case.constructor))
   x, y = parity.nchw_to_nhwc(case.inputs["x"]), parity.nchw_to_nhwc(case.inputs["y"])
   variables = crdnet.from_torch(case.weights, model, x, y, source=case.name)
   (out, out_x, out_y), state = model.apply(variables, jnp.asarray(x), jnp.asarray(y), mutable=["intermediates"])
@@ -124,3 +127,34 @@ def crossmaresnet(case: parity.Case) -> dict:
     result["loss"] = crdnet.crdnet_loss((out, out_x, out_y), np.asarray(case.inputs["labels"]))
   result.update({f"aux/{k}": parity.nhwc_to_nchw(v) for k, v in aux.items()})
   return result
+
+
+@parity.register(REPO, "train_and_evaluate")
+def crdnet_train_step(case: parity.Case) -> dict:
+  """One iteration of ``train_and_evaluate`` through the classification trainer's own step.
+
+  ``CE(out) + CE(out_x) + CE(out_y)`` with ``meta.loss_weights``, SGD as ``meta.optimizer`` says,
+  every BatchNorm in train mode.
+  """
+  from jaxretina.parity import classification_steps as steps
+
+  fields = _model_fields(case.constructor)
+  x, y = steps.images(case, "x"), steps.images(case, "y")
+  weights = case.meta.get("loss_weights") or {"ce_out": 1.0, "ce_out_x": 1.0, "ce_out_y": 1.0}
+  if set(weights) != {"ce_out", "ce_out_x", "ce_out_y"}:
+    raise ValueError(f"{case.path}: loss_weights {weights}: expected the three heads ce_out, ce_out_x, ce_out_y")
+  config = steps.base_config(case, "crd_net", fields=f"x:{fields['in_channels'][0]},y:{fields['in_channels'][1]}",
+                             num_classes=fields["num_classes"], image_size=max(x.shape[1:3]))
+  config.model.update(backbone_block=fields["backbone_block"], backbone_layers=list(fields["backbone_layers"]),
+                      backbone_base_width=fields["backbone_base_width"], num_heads=fields["num_heads"],
+                      cross_dim=fields["cross_dim"], skip_stem_maxpool=fields["skip_stem_maxpool"])
+  # The classifier's head order is (fused, x, y); upstream names the terms out / out_x / out_y.
+  config.loss.head_weights = [float(weights[k]) for k in ("ce_out", "ce_out_x", "ce_out_y")]
+  task, variables, placement = steps.build(
+      case, config, lambda module, placement: crdnet.from_torch(case.weights, module, x, y, source=case.path,
+                                                                placement=placement))
+  new_state, metrics, grads = steps.run_step(case, task, variables, {"x": x, "y": y})
+  terms = {"ce_out": metrics["loss_fused"], "ce_out_x": metrics["loss_x"], "ce_out_y": metrics["loss_y"]}
+  extra = {"clip/total_norm": metrics["grad_norm"]} if "clip/total_norm" in case.outputs else {}
+  return parity.train_step_outputs(case, placement, grads=grads, params=new_state.params,
+                                   batch_stats=new_state.batch_stats, loss=metrics["loss"], terms=terms, extra=extra)

@@ -137,3 +137,187 @@ def auxiliary_v2(case: parity.Case) -> dict:
                                   inner_margin=float(np.asarray(inner).reshape(-1)[0]))
   # margin is a 1-element tensor upstream, so the loss has shape (1,).
   return {"loss": jnp.reshape(loss, (1,))}
+
+
+# ------------------------------------------------------------------------------------ train steps
+
+# Fixture draws (``rng/*``, upstream's torch/numpy/python draws inside the step) → the names under
+# which the WS-DAN classifier takes injected draws (``WSDANClassifier.INJECTABLE_DRAWS``).
+_STEP_DRAWS = {"rng/fake_att_raw": "fake_attention_raw", "rng/k_index_raw": "pick_indices_raw",
+               "rng/theta_crop": "crop_thetas", "rng/theta_drop": "drop_thetas",
+               "rng/fake_att_aug": "fake_attention_aug", "rng/k_index_aug": "pick_indices_aug"}
+# Fixture ``loss/<term>`` → the trainer's metric.
+_STEP_TERMS = {"cls_coarse": "loss_cls_coarse", "cls_fine": "loss_cls_fine", "cls_aux": "loss_cls_aux",
+               "att": "loss_alignment", "div": "loss_diversity", "aux_raw": "loss_auxiliary",
+               "ce_raw": "loss_ce_raw", "ce_aux": "loss_ce_aux", "ce_aug": "loss_ce_aug", "center": "loss_center"}
+# upstream adjust_learning() without config.lr_decay_*: lr·0.9^((epoch + i/len(loader)) / 2).
+_FALLBACK_DECAY_RATE, _FALLBACK_DECAY_EPOCHS = 0.9, 2.0
+
+
+def _patched_number(case: parity.Case, pattern: str, what: str) -> float:
+  """A number the fixture's ``driver_patches`` state (e.g. the stand-in loader's length)."""
+  import re
+
+  for line in case.meta.get("driver_patches", []):
+    found = re.search(pattern, line)
+    if found:
+      return float(found.group(1))
+  raise ValueError(f"{case.path}: meta.driver_patches do not give {what} (pattern {pattern!r})")
+
+
+def _check_weights(case: parity.Case, given: dict, expected: dict) -> None:
+  """The fixture's term weights must be the ones the trainer's losses hard-code."""
+  bad = {k: (given.get(k), w) for k, w in expected.items() if not np.isclose(float(given.get(k, np.nan)), w)}
+  if bad:
+    raise ValueError(f"{case.path}: loss weights (fixture, trainer) differ: {bad}")
+
+
+def _wsdan_step_config(case: parity.Case, variant: str):
+  """The classification trainer's config for a DualAttendMed / CAL ``train`` fixture (``meta.json``).
+
+  Upstream's accidents that the step reproduces are switched on here (defaults: the paper's intent):
+  picks with replacement, unclamped pick weights, crop boxes without the last mask row, CAL's
+  last-write centre update and DualAttendMed's one batch-mean centre momentum.
+  """
+  import fractions
+  import re
+
+  from jaxretina.configlib import classification_config
+  from jaxretina.losses import wsdan as wsdan_losses
+
+  meta, ctor = case.meta, case.constructor
+  net, upstream_cfg, opt = ctor["WSDAN_CAL"], meta["config"], meta["optimizer"]
+  hp = opt["hyper_parameters"]
+  batch, _, height, width = case.inputs["x"].shape
+  if height != width:
+    raise ValueError(f"{case.path}: the trainer takes square images, x is {height}x{width}")
+  c = classification_config("wsdan")
+  c.seed = int(meta.get("seed", 0))
+  c.batch_size = int(batch)
+  c.data.num_classes = int(net["num_classes"])
+  c.data.image_size = int(height)
+  c.data.fields = "image:3"
+
+  c.model.variant = variant
+  c.model.num_attentions = int(net.get("M", 32))
+  backbone = (ctor.get("backbone") or {}).get("models.resnet.ResNet")
+  if backbone:
+    if backbone.get("block") != "Bottleneck":
+      raise ValueError(f"{case.path}: backbone block {backbone.get('block')!r}; WSDAN's ResNet is Bottleneck")
+    c.model.backbone_layers = [int(n) for n in backbone["layers"]]
+    c.model.backbone_base_width = int(fractions.Fraction(backbone.get("width_scale", "1")) * 64)
+  else:
+    c.model.backbone_layers = list(wsdan.BACKBONES[net.get("net", "resnet152")])
+    c.model.backbone_base_width = 64
+  features = c.model.backbone_base_width * 8 * 4
+  if int(ctor.get("num_features", features)) != features:
+    raise ValueError(f"{case.path}: num_features {ctor['num_features']} != backbone output width {features}")
+  c.model.pick_with_replacement = True  # np.random.choice(M, 2, p=...) draws with replacement
+  c.model.clamp_negative_attention_mass = False  # upstream's sqrt(sum + 1e-6) as is
+
+  c.loss.center_beta = float(upstream_cfg["beta"])
+  c.loss.share_batch_mean = variant == "dualattendmed"  # DualAttendMed: one batch-mean momentum
+  c.loss.center_duplicate_labels = "last"  # CAL's feature_center[y] += ...: the last write wins
+  c.loss.drop_last_mask_row = True  # upstream's exclusive box end at int(r_max + pad)
+  c.loss.crop_theta = upstream_cfg["crop_theta"]
+  c.loss.crop_padding = float(upstream_cfg["crop_padding_ratio"])
+  c.loss.drop_theta = upstream_cfg["drop_theta"]
+  weights = meta["loss_weights"]
+  if variant == "dualattendmed":
+    c.loss.lambdas = [float(weights["cls"]), float(weights["att"]), float(weights["div"])]
+    c.loss.aux_weight = float(str(weights["aux"]).split("*")[0])
+    clamp = re.search(r"max=([0-9.]+)", str(weights["aux"]))
+    trainer_clamp = float(wsdan_losses.dualattendmed_aux_clamp(int(opt["epoch"])))
+    if clamp and not np.isclose(float(clamp.group(1)), trainer_clamp):
+      raise ValueError(f"{case.path}: the aux term is clamped at {clamp.group(1)}; the trainer clamps at "
+                       f"{trainer_clamp} in epoch {opt['epoch']}")
+    # Auxiliary_Loss_v2's own default margin is uninitialised memory; the fixture says which it used.
+    c.loss.aux_margin = _patched_number(case, r"margin=\[([0-9.eE+-]+)\]", "the Auxiliary_Loss_v2 margin")
+    _check_weights(case, weights["cls_parts"], wsdan_losses.DUALATTENDMED_CLS_WEIGHTS)
+    if not np.isclose(float(upstream_cfg.get("diversity_margin", 0.1)), 0.1):
+      raise ValueError(f"{case.path}: DiversityLoss margin {upstream_cfg['diversity_margin']}; the trainer uses 0.1")
+  else:
+    _check_weights(case, weights, wsdan_losses.CAL_LOSS_WEIGHTS)
+
+  if "SGD" not in opt["name"] or float(hp.get("dampening", 0)) or hp.get("maximize"):
+    raise ValueError(f"{case.path}: optimizer {opt['name']} {hp}; the trainer's sgd is torch SGD without dampening")
+  c.optimizer = dict(name="sgd", momentum=float(hp["momentum"]), nesterov=bool(hp.get("nesterov", False)),
+                     weight_decay=float(hp.get("weight_decay", 0.0)),
+                     grad_clip=float((opt.get("grad_clip") or {}).get("max_norm") or 0.0), frozen=[])
+  if "lr_decay_factor" in upstream_cfg and "lr_decay_epochs" in upstream_cfg:
+    c.schedule = dict(name="epoch_step_decay", lr=float(opt["base_lr"]), gamma=float(upstream_cfg["lr_decay_factor"]),
+                      every_epochs=float(upstream_cfg["lr_decay_epochs"]), continuous=False)
+  else:
+    c.schedule = dict(name="epoch_step_decay", lr=float(opt["base_lr"]), gamma=_FALLBACK_DECAY_RATE,
+                      every_epochs=_FALLBACK_DECAY_EPOCHS, continuous=True)
+  c.epochs = int(opt["epoch"]) + 1
+  return c
+
+
+def _wsdan_train_step(case: parity.Case, variant: str) -> dict:
+  """One upstream ``train`` iteration through the classification trainer's own step."""
+  import jax
+  import optax
+
+  from jaxretina.train import classification
+  from jaxretina.train.loop import TrainState
+
+  config = _wsdan_step_config(case, variant)
+  opt = case.meta["optimizer"]
+  loader_len = int(opt.get("len_loader") or _patched_number(case, r"loader \(len (\d+)\)", "the loader length"))
+  iteration = int(opt.get("iteration", 0))  # the fixture runs the epoch's first iteration
+  labels = np.asarray(case.inputs["labels"])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  # An epoch of loader_len batches, so that the trainer's epoch = step // steps_per_epoch.
+  task = classification.ClassificationTask(config, mesh, np.resize(labels, loader_len * len(labels)))
+  if task.steps_per_epoch != loader_len:
+    raise ValueError(f"{case.path}: the trainer has {task.steps_per_epoch} steps per epoch, upstream {loader_len}")
+  step = int(opt["epoch"]) * loader_len + iteration
+  lr = float(task.schedule(step))
+  if not np.isclose(lr, opt["lr_at_step"], rtol=1e-6):
+    raise ValueError(f"{case.path}: the configured schedule gives lr {lr} at step {step} (epoch {opt['epoch']}), the "
+                     f"fixture ran at {opt['lr_at_step']}")
+
+  placement: dict = {}
+  x = _nhwc(case.inputs["x"])
+  variables = wsdan.from_torch(case.weights, task.classifier.module, input_shape=(1,) + x.shape[1:],
+                               source=case.path, placement=placement)
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  # Upstream builds a fresh SGD (no momentum buffer) and sets its lr from the epoch schedule: a fresh
+  # optimizer state whose schedule counter is at the step (optax's sgd reads the lr at its own count).
+  opt_state = optax.tree_utils.tree_set(task.tx.init(params), count=jnp.asarray(step, jnp.int32))
+  if int(optax.tree_utils.tree_get(opt_state, "count", -1)) != step:
+    raise ValueError(f"{case.path}: cannot put the optimizer's schedule counter at step {step}")
+  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                     batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
+                     opt_state=opt_state, rng=jax.random.key_data(jax.random.key(0)),
+                     extra={"feature_centers": jnp.asarray(case.inputs["feature_center"], jnp.float32)})
+  draws = {}
+  for fixture_name, name in _STEP_DRAWS.items():
+    if fixture_name in case.inputs:
+      value = np.asarray(case.inputs[fixture_name])
+      draws[name] = jnp.asarray(value, jnp.int32) if np.issubdtype(value.dtype, np.integer) else _nhwc(value)
+  inputs = {task.classifier.field: x, "draws": draws}
+  new_state, metrics, grads = jax.jit(task.step_on_inputs)(state, inputs, jnp.asarray(labels, jnp.int32),
+                                                           jax.random.key(0))
+  # Scalars in the fixture's shape: DualAttendMed's Auxiliary_Loss_v2 margin is a 1-element tensor,
+  # so upstream's aux term and total loss have shape (1,).
+  scalar = lambda name, value: np.reshape(np.asarray(value), case.outputs[name].shape)  # noqa: E731
+  terms = {name.removeprefix("loss/"): scalar(name, metrics[_STEP_TERMS[name.removeprefix("loss/")]])
+           for name in case.outputs if name.startswith("loss/") and name.removeprefix("loss/") in _STEP_TERMS}
+  centers = new_state.extra["feature_centers"]
+  return parity.train_step_outputs(case, placement, grads=grads, params=new_state.params,
+                                   batch_stats=new_state.batch_stats, loss=scalar("loss", metrics["loss"]),
+                                   terms=terms, extra={"state_after/feature_center": centers})
+
+
+@parity.register(DAM, "train")
+def dualattendmed_train_step(case: parity.Case) -> dict:
+  """One DualAttendMed ``train_distributed.train`` iteration through the classification trainer's step."""
+  return _wsdan_train_step(case, "dualattendmed")
+
+
+@parity.register(CAL, "train")
+def cal_train_step(case: parity.Case) -> dict:
+  """One CAL ``fgvc/train_distributed.train`` iteration through the classification trainer's step."""
+  return _wsdan_train_step(case, "cal")

@@ -6,9 +6,17 @@ sampling), on-device augmentation and normalisation, the optimizer (with frozen 
 and evaluation; the model's forward/loss/prediction is the *classifier* named by
 ``config.model.name`` (``jaxretina.train.classifiers``).
 
-One step: images (uint8) → [0, 1] → augmentation per modality (independent draws, as upstream's
-per-modality transforms) → normalisation → ``classifier.loss`` → optimizer update. BatchNorm
+One step: images (uint8, resized to ``config.data.image_size`` by the pipeline) → [0, 1] → random
+crop to ``config.data.crop_size`` when set (evaluation: the centre crop) → augmentation per modality
+(independent draws, as upstream's per-modality transforms; ``config.augment.class_conditional``
+swaps the chain by label) → normalisation → ``classifier.loss`` → optimizer update. BatchNorm
 statistics are computed over the global batch (SyncBN-like; CAL trains with SyncBN).
+
+Data beyond one dataset split: ``config.data.mix`` (several TFDS splits concatenated, then split
+at random by fraction) and ``config.data.train_class_counts`` (cyclic per-class resampling of the
+training split). Per-epoch ReduceLROnPlateau and early stopping: ``config.reduce_on_plateau`` /
+``config.early_stopping`` with ``config.eval_every_epochs`` (``jaxretina.train.plateau``; the loop
+calls ``after_evaluation`` after each epoch's evaluation).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import optax
 from flax import traverse_util
 
 from jaxretina.data import augment as augment_lib
-from jaxretina.train import classifiers, distributed, optim
+from jaxretina.train import classifiers, distributed, optim, plateau
 from jaxretina.train.loop import TrainState, register_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,35 +67,138 @@ def adjust_saturation(images: jax.Array, factor: jax.Array) -> jax.Array:
   return jnp.clip(f * images + (1.0 - f) * grey[..., None], 0.0, 1.0)
 
 
-def augment(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any]) -> jax.Array:
-  """The classification recipes' train-time transforms on device, per sample, for (B, H, W, C) in [0, 1].
+def normalization_zero(mode: str, channels: int) -> tuple[float, ...]:
+  """The [0, 1] pixel value that ``normalize(·, mode)`` maps to 0, per channel.
 
-  ``cfg`` (``config.augment``): ``hflip`` (probability), ``rotation`` (degrees, U(−d, d), zeros
-  outside: CRD-Net's RandomRotation(180)), ``resized_crop_scale`` ([low, high] of
-  RandomResizedCrop back to the input size, or None), ``brightness``/``saturation`` (ColorJitter
-  amounts: factors U(1 − a, 1 + a)).
+  torchvision's ``RandomErasing`` runs after ``Normalize`` and fills with 0; erasing before the
+  normalisation with this value gives the same input.
+  """
+  if mode == "imagenet":
+    values = IMAGENET_MEAN
+  elif mode == "unit":
+    values = (0.0, 0.0, 0.0)
+  elif mode == "bira_pixel_mean":
+    values = tuple(v / 255.0 for v in BIRA_PIXEL_MEAN)
+  else:
+    raise ValueError(f"config.data.normalize={mode!r}: expected one of {NORMALIZATIONS}")
+  return tuple(values) if channels == 3 else (float(np.mean(values)),)
+
+
+# The transforms ``augment`` knows, in their default order (``config.augment.order`` changes it).
+AUGMENT_OPS = ("resized_crop", "hflip", "rotation", "color_jitter", "affine", "erasing")
+
+
+def color_jitter(key: jax.Array, images: jax.Array, brightness: float = 0.0, contrast: float = 0.0,
+                 saturation: float = 0.0, hue: float = 0.0) -> jax.Array:
+  """torchvision ``ColorJitter`` per sample, (B, H, W, C) in [0, 1].
+
+  Factors b, c, s ~ U(max(0, 1 − a), 1 + a), hue shift ~ U(−h, h); the active adjustments run in a
+  random order drawn per sample (torchvision draws ``randperm(4)`` per image). Contrast blends with
+  the image's mean grey level, saturation with its grey image; saturation and hue leave grey images
+  unchanged. Float arithmetic throughout (torchvision on PIL images rounds to uint8 between steps).
   """
   batch = images.shape[0]
-  k_flip, k_rot, k_crop, k_bright, k_sat = jax.random.split(key, 5)
-  scale = cfg.get("resized_crop_scale")
-  if scale:
-    images = augment_lib.random_resized_crop(k_crop, images, images.shape[1:3], tuple(float(s) for s in scale))
-  p_flip = float(cfg.get("hflip", 0.0))
-  if p_flip > 0:
-    flip = jax.random.bernoulli(k_flip, p_flip, (batch,))
-    images = jnp.where(flip[:, None, None, None], augment_lib.horizontal_flip(images), images)
-  degrees = float(cfg.get("rotation", 0.0))
-  if degrees > 0:
-    images = augment_lib.random_rotation(k_rot, images, degrees)
-  brightness = float(cfg.get("brightness", 0.0))
+  rgb = images.shape[-1] == 3
+  k_order, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
+  uniform = lambda k, low, high: jax.random.uniform(k, (batch,), jnp.float32, low, high)  # noqa: E731
+  ops = []
   if brightness > 0:
-    factor = jax.random.uniform(k_bright, (batch,), jnp.float32, max(0.0, 1.0 - brightness), 1.0 + brightness)
-    images = jnp.clip(images * factor[:, None, None, None], 0.0, 1.0)
-  saturation = float(cfg.get("saturation", 0.0))
-  if saturation > 0 and images.shape[-1] == 3:
-    factor = jax.random.uniform(k_sat, (batch,), jnp.float32, max(0.0, 1.0 - saturation), 1.0 + saturation)
-    images = adjust_saturation(images, factor)
+    f = uniform(k_b, max(0.0, 1.0 - brightness), 1.0 + brightness)
+    ops.append(lambda x, f=f: jnp.clip(x * f[:, None, None, None], 0.0, 1.0))
+  if contrast > 0:
+    f = uniform(k_c, max(0.0, 1.0 - contrast), 1.0 + contrast)
+    ops.append(lambda x, f=f: jax.vmap(augment_lib.adjust_contrast)(x, f))
+  if saturation > 0 and rgb:
+    f = uniform(k_s, max(0.0, 1.0 - saturation), 1.0 + saturation)
+    ops.append(lambda x, f=f: adjust_saturation(x, f))
+  if hue > 0 and rgb:
+    if hue > 0.5:
+      raise ValueError(f"color_jitter: hue={hue} must lie in [0, 0.5] (torchvision's range)")
+    f = uniform(k_h, -hue, hue)
+    ops.append(lambda x, f=f: augment_lib.adjust_hue(x, f))
+  if len(ops) == 1:
+    return ops[0](images)
+  # A uniform random permutation of the active adjustments per sample; position by position, each
+  # sample takes the adjustment its permutation puts there.
+  order = jnp.argsort(jax.random.uniform(k_order, (batch, len(ops))), axis=1)
+  for position in range(len(ops)):
+    out = images
+    for j, op in enumerate(ops):
+      out = jnp.where((order[:, position] == j)[:, None, None, None], op(images), out)
+    images = out
   return images
+
+
+def _has_affine(cfg: Mapping[str, Any]) -> bool:
+  scale = tuple(float(v) for v in (cfg.get("affine_scale") or (1.0, 1.0)))
+  return bool(cfg.get("affine_degrees") or cfg.get("affine_translate") or scale != (1.0, 1.0))
+
+
+def _augment_chain(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any], erase_value) -> jax.Array:
+  order = list(cfg.get("order") or AUGMENT_OPS)
+  unknown = [op for op in order if op not in AUGMENT_OPS]
+  if unknown or len(set(order)) != len(order):
+    raise ValueError(f"config.augment.order={order}: expected distinct names among {AUGMENT_OPS}")
+  keys = dict(zip(AUGMENT_OPS, jax.random.split(key, len(AUGMENT_OPS))))
+  batch = images.shape[0]
+  for op in order:
+    k = keys[op]
+    if op == "resized_crop" and cfg.get("resized_crop_scale"):
+      scale = tuple(float(s) for s in cfg.get("resized_crop_scale"))
+      images = augment_lib.random_resized_crop(k, images, images.shape[1:3], scale)
+    elif op == "hflip" and float(cfg.get("hflip", 0.0)) > 0:
+      flip = jax.random.bernoulli(k, float(cfg.get("hflip")), (batch,))
+      images = jnp.where(flip[:, None, None, None], augment_lib.horizontal_flip(images), images)
+    elif op == "rotation" and float(cfg.get("rotation", 0.0)) > 0:
+      images = augment_lib.random_rotation(k, images, float(cfg.get("rotation")))
+    elif op == "color_jitter":
+      images = color_jitter(k, images, float(cfg.get("brightness", 0.0)), float(cfg.get("contrast", 0.0)),
+                            float(cfg.get("saturation", 0.0)), float(cfg.get("hue", 0.0)))
+    elif op == "affine" and _has_affine(cfg):
+      translate = float(cfg.get("affine_translate") or 0.0)
+      scale = tuple(float(s) for s in (cfg.get("affine_scale") or (1.0, 1.0)))
+      images = augment_lib.torchvision_random_affine(k, images, float(cfg.get("affine_degrees") or 0.0),
+                                                     (translate, translate), scale)
+    elif op == "erasing" and float(cfg.get("erasing") or 0.0) > 0:
+      images = augment_lib.random_erasing(k, images, float(cfg.get("erasing")),
+                                          tuple(float(s) for s in (cfg.get("erasing_scale") or (0.02, 0.33))),
+                                          tuple(float(s) for s in (cfg.get("erasing_ratio") or (0.3, 3.3))),
+                                          erase_value)
+  return images
+
+
+def augment(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any], labels: jax.Array | None = None,
+            erase_value=0.0) -> jax.Array:
+  """The classification recipes' train-time transforms on device, per sample, for (B, H, W, C) in [0, 1].
+
+  ``cfg`` (``config.augment``), each transform skipped at its neutral value:
+
+  * ``resized_crop_scale``: [low, high] of torchvision's RandomResizedCrop back to the input size;
+  * ``hflip``: flip probability;
+  * ``rotation``: degrees of a rotation U(−d, d) about the centre, zeros outside (RandomRotation);
+  * ``brightness``/``contrast``/``saturation``/``hue``: ColorJitter amounts (``color_jitter``);
+  * ``affine_degrees``/``affine_translate``/``affine_scale``: RandomAffine(degrees, translate=(t, t),
+    scale) without shear;
+  * ``erasing``/``erasing_scale``/``erasing_ratio``: RandomErasing(p, scale, ratio), filled with
+    ``erase_value`` (the normalisation's zero point: torchvision erases after ``Normalize`` with 0);
+  * ``order``: the order of the transforms (default ``AUGMENT_OPS``);
+  * ``class_conditional``: ``{labels: [...], <the keys above>}`` — samples whose label is listed get
+    this chain instead of the main one (FCN-CLIP's "minority" transform); needs ``labels`` (B,).
+
+  Geometric resampling is bilinear with zeros outside (torchvision's RandomRotation/RandomAffine
+  default to nearest).
+  """
+  k_main, k_class = jax.random.split(key)
+  out = _augment_chain(k_main, images, cfg, erase_value)
+  conditional = cfg.get("class_conditional") or {}
+  chosen_labels = list(conditional.get("labels") or [])
+  if chosen_labels:
+    if labels is None:
+      raise ValueError("config.augment.class_conditional needs the batch's labels; this batch has none")
+    alternative = _augment_chain(k_class, images, conditional, erase_value)
+    chosen = jnp.isin(labels, jnp.asarray(chosen_labels, labels.dtype))
+    out = jnp.where(chosen[:, None, None, None], alternative, out)
+  return out
 
 
 def parse_fields(spec: str) -> dict[str, int]:
@@ -120,11 +231,68 @@ def frozen_mask(params: Any, patterns: list[str]) -> Any:
   return traverse_util.unflatten_dict(mask, sep="/")
 
 
-def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None, data_dir: str | None = None,
-               builder_kwargs=None):
-  """A split of ``config.data`` ``d``'s dataset (or another), label subset applied, built if allowed."""
+def input_crop_size(d: ml_collections.ConfigDict) -> int | None:
+  """``config.data.crop_size`` checked against ``image_size`` (None: the model sees image_size² whole).
+
+  Images are resized to ``image_size``² by the pipeline, then cropped to ``crop_size``² on device:
+  at random per sample for training, at the centre for evaluation and prediction (upstream's
+  ``Resize(S/0.875)`` → ``RandomCrop(S)`` / ``CenterCrop(S)``).
+  """
+  crop = d.get("crop_size")
+  if not crop:
+    return None
+  if not 0 < int(crop) <= int(d.image_size):
+    raise ValueError(f"config.data.crop_size={crop}: expected a crop in (0, config.data.image_size="
+                     f"{d.image_size}] (image_size is the size images are resized to before cropping)")
+  return int(crop)
+
+
+def input_size(d: ml_collections.ConfigDict) -> int:
+  """The side of the model's input images: ``crop_size`` when set, else ``image_size``."""
+  return input_crop_size(d) or int(d.image_size)
+
+
+def _open_mix_split(d: ml_collections.ConfigDict, split: str, data_dir: str):
+  """``config.data.mix``: the records of several TFDS splits concatenated in the listed order, then
+  divided at random into named splits by fraction (``pipeline.split_by_fractions``)."""
   from jaxretina.data import pipeline
 
+  mix = d.mix
+  names = [str(entry[0]) for entry in mix.splits]
+  if split not in names:
+    raise ValueError(f"split {split!r} is not one of config.data.mix.splits {names}")
+  parts = []
+  for i, source in enumerate(mix.sources):
+    if not source.get("name") or not source.get("split"):
+      raise ValueError(f"config.data.mix.sources[{i}]={dict(source)}: expected a dataset 'name' and its 'split'")
+    kwargs = dict(source.get("builder_kwargs") or {})
+    if d.get("build_if_missing", False):
+      from jaxretina import datasets
+
+      datasets.ensure_built(source["name"], data_dir, **kwargs)
+    parts.append(pipeline.open_source(source["name"], source["split"], data_dir, kwargs))
+  concatenated = pipeline.ConcatSource(parts)
+  try:
+    indices = pipeline.split_by_fractions(len(concatenated), [float(entry[1]) for entry in mix.splits],
+                                          int(mix.get("seed", 0)))
+  except ValueError as e:
+    raise ValueError(f"config.data.mix.splits={[list(entry) for entry in mix.splits]}: {e}") from None
+  return pipeline.RecordSubset(concatenated, indices[names.index(split)], f"mix split {split!r}")
+
+
+def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None, data_dir: str | None = None,
+               builder_kwargs=None):
+  """A split of ``config.data`` ``d``'s dataset (or another), label subset applied, built if allowed.
+
+  With ``config.data.mix.sources`` (and no other ``name`` asked for) the split is one of the mix's.
+  """
+  from jaxretina.data import pipeline
+
+  mix = d.get("mix") or {}
+  if mix.get("sources") and not name:
+    source = _open_mix_split(d, split, data_dir or d.data_dir)
+    subset = d.get("label_subset")
+    return pipeline.LabelSubset(source, list(subset)) if subset else source
   name = name or d.name
   data_dir = data_dir or d.data_dir
   kwargs = dict(builder_kwargs or d.get("builder_kwargs") or {})
@@ -161,8 +329,10 @@ class ClassificationTask:
     train_labels = np.asarray(train_labels)
     if hasattr(self.classifier, "set_training_labels"):
       self.classifier.set_training_labels(train_labels, self.num_classes)
+    self.crop_size = input_crop_size(d)
+    self.input_size = self.crop_size or int(d.image_size)
     if hasattr(self.classifier, "prepare"):
-      self.classifier.prepare(int(d.image_size))
+      self.classifier.prepare(self.input_size)
     self.class_weights, samples = self._sampling(train_labels)
     self.steps_per_epoch = max(samples // self.global_batch_size, 1)
     self.total_steps = int(config.get("total_steps") or math.ceil(config.epochs * self.steps_per_epoch))
@@ -172,7 +342,10 @@ class ClassificationTask:
     if frozen:
       abstract = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))[0]
       trainable = frozen_mask(abstract["params"], frozen)
-    self.tx = optim.make_optimizer(config.optimizer, self.schedule, trainable)
+    # ReduceLROnPlateau / early stopping (off unless configured): a learning-rate scale in the
+    # optimizer state, updated after each epoch's evaluation (after_evaluation).
+    self.plateau = plateau.Controller(config)
+    self.tx = self.plateau.wrap(optim.make_optimizer(config.optimizer, self.schedule, trainable))
     counts = np.bincount(train_labels, minlength=self.num_classes)
     logging.info("classification task %s: %d train examples (per class %s), %d steps/epoch, %d steps",
                  config.model.name, len(train_labels), counts.tolist(), self.steps_per_epoch, self.total_steps)
@@ -213,8 +386,21 @@ class ClassificationTask:
         samples_per_epoch=self.steps_per_epoch * self.global_batch_size if self.class_weights else None))}
 
   def prepare_inputs(self, batch: Mapping[str, jax.Array], key: jax.Array | None) -> dict[str, jax.Array]:
-    """uint8 batch → normalised float inputs per modality (augmented when ``key`` is given)."""
+    """uint8 batch → normalised float inputs per modality (augmented when ``key`` is given).
+
+    With ``config.data.crop_size`` a training batch (``key`` given) is cropped at random per sample,
+    an evaluation batch (``key`` None: evaluators, CAM features) at the centre, before augmenting.
+    ``batch['label']`` selects ``config.augment.class_conditional``'s chain.
+    """
     mode = self.config.data.get("normalize", "imagenet")
+    aug_cfg = self.config.get("augment") or {}
+    labels = batch.get("label") if hasattr(batch, "get") else None
+    if key is None and aug_cfg.get("augment_eval_splits") and labels is not None:
+      # Upstream quirk (config.augment.augment_eval_splits): evaluation batches get the training
+      # transforms too. The key is a function of the batch's record indices, so a re-evaluation
+      # draws the same transforms.
+      index = jnp.max(batch["index"]) if "index" in batch else 0
+      key = jax.random.fold_in(jax.random.PRNGKey(int(self.config.seed)), index)
     inputs = {}
     keys = jax.random.split(key, len(self.fields)) if key is not None else [None] * len(self.fields)
     for (name, channels), k in zip(self.fields.items(), keys):
@@ -225,13 +411,19 @@ class ClassificationTask:
         raise ValueError(f"image field {name!r}: expected (B, H, W, {channels}) (config.data.fields), got "
                          f"{images.shape}")
       images = images.astype(jnp.float32) / 255.0
+      if self.crop_size:
+        if k is not None:
+          k_crop, k = jax.random.split(k)
+          images = augment_lib.random_crop(k_crop, images, (self.crop_size, self.crop_size))
+        else:
+          images = augment_lib.center_crop(images, (self.crop_size, self.crop_size))
       if k is not None:
-        images = augment(k, images, self.config.get("augment") or {})
+        images = augment(k, images, aug_cfg, labels=labels, erase_value=normalization_zero(mode, channels))
       inputs[name] = normalize(images, mode)
     return inputs
 
   def _dummy_inputs(self) -> dict[str, jax.Array]:
-    s = int(self.config.data.image_size)
+    s = self.input_size
     return {name: jnp.zeros((2, s, s, ch), jnp.float32) for name, ch in self.fields.items()}
 
   # ------------------------------------------------------------------ state
@@ -285,7 +477,7 @@ class ClassificationTask:
     from jaxretina.models import convert, resnet
 
     state_dict = convert.load_torch_checkpoint(path)
-    s = int(self.config.data.image_size)
+    s = self.input_size
     for where, module in self.classifier.backbones().items():
       loaded = resnet.from_torch(state_dict, module, input_shape=(1, s, s, 3), ignore=[r"^fc\."], source=path)
       for collection, tree in loaded.items():
@@ -319,7 +511,8 @@ class ClassificationTask:
     (loss, (metrics, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = optim.apply_gradients(state, grads, self.tx, batch_stats=batch_stats, extra=extra)
     grad_norm = optax.global_norm(grads)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=self.schedule(state.step),
+    lr = self.schedule(state.step) * plateau.lr_scale(state.opt_state)  # the rate this step applied
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr,
                    all_finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
     return new_state, metrics, grads
 
@@ -340,6 +533,22 @@ class ClassificationTask:
     self.eval_step = int(jax.device_get(state.step))
     return run_evaluators(self, state.variables(), mesh)
 
+  def after_evaluation(self, state: TrainState, metrics: Mapping[str, float]) -> tuple[TrainState, Any]:
+    """The loop's hook after each epoch's evaluation: ReduceLROnPlateau and early stopping
+    (``jaxretina.train.plateau``) → ``(state with the updated rate scale, plateau.Report)``."""
+    if not self.plateau.enabled:
+      return state, None
+    opt_state, report = self.plateau.after_evaluation(state.opt_state, metrics, int(jax.device_get(state.step)))
+    return state.replace(opt_state=opt_state), report
+
+  def stop_reason(self, state: TrainState) -> str | None:
+    """Why a restored run has already stopped early (None: it has not)."""
+    return self.plateau.stop_reason(state.opt_state) if self.plateau.enabled else None
+
+  @property
+  def keep_best_checkpoint(self) -> bool:
+    return self.plateau.keep_best
+
 
 @register_task("classification")
 def make_classification_task(config, mesh) -> ClassificationTask:
@@ -348,4 +557,13 @@ def make_classification_task(config, mesh) -> ClassificationTask:
 
   num_classes = int(config.data.num_classes)
   source = open_split(config.data, config.data.train_split)
+  counts = config.data.get("train_class_counts")
+  if counts:
+    if len(counts) != num_classes:
+      raise ValueError(f"config.data.train_class_counts={list(counts)}: expected one count per class "
+                       f"(config.data.num_classes={num_classes})")
+    try:
+      source = pipeline.resample_to_class_counts(source, [int(c) for c in counts], num_classes)
+    except ValueError as e:
+      raise ValueError(f"config.data.train_class_counts: {e}") from None
   return ClassificationTask(config, mesh, pipeline.record_labels(source, num_classes), train_source=source)

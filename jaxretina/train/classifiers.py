@@ -98,8 +98,23 @@ class WSDANClassifier:
   ``config.loss``: ``center_beta`` (0.05), ``share_batch_mean`` (DualAttendMed's center-update quirk,
   see ``wsdan.update_feature_centers``), ``lambdas`` (1.0, 0.5, 0.1), ``aux_weight`` (0.01),
   ``aux_margin`` (1.0), ``crop_theta``/``crop_padding``/``drop_theta`` (a float or a [low, high]
-  range), ``eval_crop_theta``/``eval_crop_padding``, ``drop_last_mask_row`` (crop-box quirk).
+  range), ``eval_crop_theta``/``eval_crop_padding``, ``drop_last_mask_row`` (crop-box quirk),
+  ``center_duplicate_labels`` ('mean', or upstream CAL's 'last', see ``wsdan.update_feature_centers``).
+
+  The step's random numbers come from its key; a caller can inject any of them instead as
+  ``inputs['draws'][name]`` (``INJECTABLE_DRAWS``), e.g. to replay upstream's torch/numpy draws
+  (the parity fixtures). Metrics carry each loss term under ``loss_<upstream name>``.
   """
+
+  # name → what it replaces. "raw": the pass on the batch; "aug": the pass on [crop; drop] (2B).
+  INJECTABLE_DRAWS = {
+      "fake_attention_raw": "(B,h,w,M) BAP counterfactual attention, raw pass",
+      "pick_indices_raw": "(B,2) int [crop, drop] attention-map indices, raw pass",
+      "crop_thetas": "(B,) crop threshold factors (when crop_theta is a range)",
+      "drop_thetas": "(B,) drop threshold factors (when drop_theta is a range)",
+      "fake_attention_aug": "(2B,h,w,M) BAP counterfactual attention, [crop; drop] pass",
+      "pick_indices_aug": "(2B,2) int attention-map indices, [crop; drop] pass (unused by the loss)",
+  }
 
   def __init__(self, config, num_classes: int, fields: Mapping[str, int]):
     self.field = _one_field(fields, "wsdan")
@@ -133,27 +148,42 @@ class WSDANClassifier:
   def _channels(self, variables) -> int:
     return int(variables["params"]["attentions"]["kernel"].shape[-2])
 
+  def _injected_draws(self, inputs) -> dict[str, jax.Array]:
+    draws = dict(inputs.get("draws") or {})
+    unknown = sorted(set(draws) - set(self.INJECTABLE_DRAWS))
+    if unknown:
+      raise ValueError(f"wsdan: unknown injected draws {unknown}; expected names among {sorted(self.INJECTABLE_DRAWS)}")
+    return draws
+
   def loss(self, variables, extra, inputs, labels, rng, epoch):
     params, stats = _split_variables(variables)
     x = inputs[self.field]
+    draws = self._injected_draws(inputs)
     k_raw, k_crop, k_drop, k_aug = jax.random.split(rng, 4)
-    out, mutated = self.module.apply(_with_stats(params, stats), x, train=True, key=k_raw, mutable=["batch_stats"])
+    out, mutated = self.module.apply(_with_stats(params, stats), x, train=True, key=k_raw, mutable=["batch_stats"],
+                                     fake_attention=draws.get("fake_attention_raw"),
+                                     pick_indices=draws.get("pick_indices_raw"))
     centers = extra["feature_centers"]
     class_centers = l2_normalize(centers)[labels]  # upstream reads them before the update
     new_centers = wsdan.update_feature_centers(
         centers, out.feature_matrix, labels, beta=float(self.loss_cfg.get("center_beta", 0.05)),
-        rule=self.center_rule, share_batch_mean=bool(self.loss_cfg.get("share_batch_mean", False)))
+        rule=self.center_rule, share_batch_mean=bool(self.loss_cfg.get("share_batch_mean", False)),
+        duplicate_labels=self.loss_cfg.get("center_duplicate_labels", "mean"))
     maps = jax.lax.stop_gradient(out.attention_map)  # upstream augments under torch.no_grad()
     drop_last = bool(self.loss_cfg.get("drop_last_mask_row", False))
     crop = attention_augment.attention_crop(x, maps[..., 0], self._theta("crop_theta", 0.5),
                                             float(self.loss_cfg.get("crop_padding", 0.1)), key=k_crop,
-                                            drop_last_mask_row=drop_last)
-    drop = attention_augment.attention_drop(x, maps[..., 1], self._theta("drop_theta", 0.5), key=k_drop)
+                                            thetas=draws.get("crop_thetas"), drop_last_mask_row=drop_last)
+    drop = attention_augment.attention_drop(x, maps[..., 1], self._theta("drop_theta", 0.5), key=k_drop,
+                                            thetas=draws.get("drop_thetas"))
     aug, mutated = self.module.apply(_with_stats(params, mutated["batch_stats"]),
                                      jax.lax.stop_gradient(jnp.concatenate([crop, drop])), train=True, key=k_aug,
-                                     mutable=["batch_stats"])
+                                     mutable=["batch_stats"], fake_attention=draws.get("fake_attention_aug"),
+                                     pick_indices=draws.get("pick_indices_aug"))
     metrics = {}
     if self.variant == "dualattendmed":
+      terms = wsdan_losses.dualattendmed_classification_terms(out.logits, out.effect_logits, aug.logits,
+                                                              aug.effect_logits, labels)
       cls = wsdan_losses.dualattendmed_classification_loss(out.logits, out.effect_logits, aug.logits,
                                                            aug.effect_logits, labels)
       align = wsdan_losses.attention_alignment_loss(out.attention_maps)
@@ -166,8 +196,12 @@ class WSDANClassifier:
           aux_weight=float(self.loss_cfg.get("aux_weight", 0.01)))
       metrics.update(loss_classification=cls, loss_alignment=align, loss_diversity=diversity, loss_auxiliary=aux)
     else:
+      terms = wsdan_losses.cal_classification_terms(out.logits, out.effect_logits, aug.logits, aug.effect_logits,
+                                                    labels)
+      terms["center"] = wsdan_losses.center_loss(out.feature_matrix, class_centers)
       total = wsdan_losses.cal_loss(out.logits, out.effect_logits, aug.logits, aug.effect_logits, labels,
                                     out.feature_matrix, class_centers)
+    metrics.update({f"loss_{name}": value for name, value in terms.items()})
     metrics.update(accuracy=_accuracy(out.logits, labels),
                    accuracy_aug=_accuracy(aug.logits, jnp.concatenate([labels, labels])))
     return total, (metrics, mutated["batch_stats"], dict(extra, feature_centers=new_centers))
@@ -243,8 +277,10 @@ class CRDNetClassifier:
     outputs, mutated = self.module.apply(variables, *self._images(inputs), train=True, mutable=["batch_stats"])
     total = crdnet.crdnet_loss(outputs, labels, self.head_weights)
     out, out_x, out_y = outputs
+    ce_out, ce_x, ce_y = crdnet.crdnet_loss_terms(outputs, labels)  # unweighted, for the logs
     metrics = {"accuracy": _accuracy(out, labels), f"accuracy_{self.fields[0]}": _accuracy(out_x, labels),
-               f"accuracy_{self.fields[1]}": _accuracy(out_y, labels)}
+               f"accuracy_{self.fields[1]}": _accuracy(out_y, labels), "loss_fused": ce_out,
+               f"loss_{self.fields[0]}": ce_x, f"loss_{self.fields[1]}": ce_y}
     return total, (metrics, mutated["batch_stats"], extra)
 
   def predict(self, variables, inputs):
@@ -260,10 +296,15 @@ class BiRAClassifier:
   """BiRA-Net (docs/systems.md#bira-net).
 
   ``config.model``: ``variant`` ('bira_net': the paper's bilinear net | 'ra_net': the coded RA-Net),
-  ``backbone`` (ResNet fields: block, layers, base_width), ``dropout_rate`` (RA-Net head),
-  ``matmul_masking`` (upstream quirk, see ``models/bira.py``). ``config.loss.name``: 'grading'
-  (the paper's grading loss, differentiable) or 'ce'; ``config.loss.detach_loss`` reproduces
-  upstream's detached grading loss (no gradient at all).
+  ``backbone`` (ResNet fields: block, layers, base_width), ``dropout_rate`` and ``dense_width``
+  (RA-Net head; 0.5 and 256 upstream), ``matmul_masking`` (upstream quirk, see ``models/bira.py``).
+
+  ``config.loss.name``: 'grading' (default, the paper's grading loss, differentiable) or 'ce'
+  (upstream quirk: plain cross-entropy on the log-probabilities, which is what upstream
+  ``train()`` minimises, because its grading-loss line is commented out; CE on log-probabilities
+  equals CE on the logits). ``config.loss.detach_loss`` reproduces upstream's ``InterclassLoss``
+  as coded, a fresh leaf: the same value with no gradient at all, so nothing trains (for checking
+  the value, never a recipe). Upstream's frozen parts are ``bira.upstream_frozen_patterns``.
   """
 
   def __init__(self, config, num_classes: int, fields: Mapping[str, int]):
@@ -279,6 +320,7 @@ class BiRAClassifier:
     elif self.variant == "ra_net":
       self.module = bira.KeNet(features=backbone, num_classes=num_classes,
                                dropout_rate=float(m.get("dropout_rate", 0.5)),
+                               dense_width=int(m.get("dense_width", 256)),
                                matmul_masking=bool(m.get("matmul_masking", False)), dtype=dtype)
     else:
       raise ValueError(f"config.model.variant={self.variant!r}: expected 'bira_net' or 'ra_net'")
@@ -339,10 +381,11 @@ class FCNCLIPClassifier:
   """FCN-CLIP + CBAM on a frozen FLAIR image tower (docs/systems.md#fcn-clip).
 
   ``config.model``: ``vision`` (ResNet fields of the FLAIR tower), ``proj_dim``, ``use_fusion``,
-  ``decoder_channels``, ``dropout_rate``, and the upstream quirks ``double_cbam_gating``,
-  ``encoder_bn_batch_stats`` (see ``models/fcn_clip.py``). ``config.loss``: ``gamma`` (2),
-  ``class_weights`` ('notebook': the notebook's rule on the training labels, 'none', or a list),
-  ``pt_from_weighted_ce`` (quirk), ``focal_weight`` (0.7). ``config.init.flair_checkpoint``: a
+  ``decoder_channels``, ``cbam_reduction`` (16), ``dropout_rate``, and the upstream quirks
+  ``double_cbam_gating``, ``encoder_bn_batch_stats`` (see ``models/fcn_clip.py``). ``config.loss``:
+  ``gamma`` (2), ``class_weights`` ('notebook': the notebook's rule on the training labels, 'none',
+  or a list), ``pt_from_weighted_ce`` (quirk), ``focal_weight`` (0.7), ``temperature`` (0.2, the
+  contrastive term's). ``config.init.flair_checkpoint``: a
   FLAIR/KeepFIT PyTorch checkpoint for the encoder (and the text tower for the contrastive term's
   class prototypes, ``config.data.class_prompts``). Train the encoder-frozen model with
   ``config.optimizer.frozen=['^vision_model/']``.
@@ -357,6 +400,7 @@ class FCNCLIPClassifier:
     self.module = fcn_clip.FCNCLIP(
         vision=_backbone(m.vision, dtype), proj_dim=int(m.get("proj_dim", 512)), num_classes=num_classes,
         use_fusion=bool(m.get("use_fusion", False)), decoder_channels=tuple(m.get("decoder_channels", (512, 128))),
+        cbam_reduction=int(m.get("cbam_reduction", 16)),
         dropout_rate=float(m.get("dropout_rate", 0.3)), double_cbam_gating=bool(m.get("double_cbam_gating", False)),
         encoder_bn_batch_stats=bool(m.get("encoder_bn_batch_stats", False)), dtype=dtype)
     self.class_weights = None  # set by the trainer from the training labels (set_training_labels)
@@ -401,10 +445,22 @@ class FCNCLIPClassifier:
                                proj_dim=self.module.proj_dim)
     self.flair_variables = flair.load_flair_checkpoint(path, two_tower, image_shape=(1, image_size, image_size, 3))
     classes = list(self.loss_cfg.get("prototype_classes") or self.config.data.class_names)
-    self.prototypes = class_prototypes(two_tower, self.flair_variables, Tokenizer.from_pretrained_dir(text_dir),
-                                       classes, template=self.loss_cfg.get("prompt_template",
-                                                                           "Fundus image showing [CLS]"),
-                                       domain_knowledge=True)
+    self.set_prototypes(class_prototypes(two_tower, self.flair_variables, Tokenizer.from_pretrained_dir(text_dir),
+                                         classes, template=self.loss_cfg.get("prompt_template",
+                                                                             "Fundus image showing [CLS]"),
+                                         domain_knowledge=True))
+
+  def set_prototypes(self, prototypes) -> None:
+    """The contrastive term's class prototypes, (num_classes, proj_dim): a constant of the loss.
+
+    ``prepare`` sets them from the FLAIR checkpoint's text tower; a caller holding text embeddings
+    computed otherwise (the parity handler: prompts tokenised upstream) sets them here.
+    """
+    prototypes = jnp.asarray(prototypes, jnp.float32)
+    if prototypes.shape != (self.module.num_classes, self.module.proj_dim):
+      raise ValueError(f"FCN-CLIP class prototypes: expected ({self.module.num_classes}, {self.module.proj_dim}) "
+                       f"(classes, proj_dim), got {prototypes.shape}")
+    self.prototypes = prototypes
 
   def backbones(self) -> dict[tuple[str, ...], resnet.ResNet]:
     return {("vision_model", "model"): self.module.vision}
@@ -422,13 +478,36 @@ class FCNCLIPClassifier:
                                 pt_from_weighted_ce=bool(self.loss_cfg.get("pt_from_weighted_ce", False)))
     metrics = {"loss_focal": focal, "accuracy": _accuracy(logits, labels)}
     weight = float(self.loss_cfg.get("focal_weight", fcn_clip.FOCAL_WEIGHT))
-    total = focal
+    # The notebook always trains alpha·focal (+ (1 − alpha)·contrastive): without prototypes the
+    # focal term keeps its 0.7 weight (the contrastive term has no gradient either way).
+    total = weight * focal
     if self.prototypes is not None:
-      contrast = fcn_clip.contrastive_loss(z, self.prototypes, labels)
-      total = weight * focal + (1.0 - weight) * contrast
+      contrast = fcn_clip.contrastive_loss(
+          z, self.prototypes, labels,
+          temperature=float(self.loss_cfg.get("temperature", fcn_clip.CONTRASTIVE_TEMPERATURE)))
+      total = total + (1.0 - weight) * contrast
       metrics["loss_contrastive"] = contrast
     return total, (metrics, mutated["batch_stats"], extra)
 
   def predict(self, variables, inputs):
-    (logits, _), inter = self.module.apply(variables, inputs[self.field], train=False, mutable=["intermediates"])
-    return {"logits": logits, "attention": _sown(inter["intermediates"], "spatial_attention")[0][..., 0]}
+    (logits, z), inter = self.module.apply(variables, inputs[self.field], train=False, mutable=["intermediates"])
+    return {"logits": logits, "attention": _sown(inter["intermediates"], "spatial_attention")[0][..., 0],
+            "embedding": z}
+
+  def eval_loss(self, outputs, labels):
+    """The notebook's validation loss per example (B,): the training loss's terms on ``predict``'s
+    eval-mode outputs (the evaluator averages it; FCN-CLIP's ReduceLROnPlateau / early stopping
+    monitor it)."""
+    weight = float(self.loss_cfg.get("focal_weight", fcn_clip.FOCAL_WEIGHT))
+    focal = fcn_clip.focal_loss(outputs["logits"], labels, self.class_weights,
+                                gamma=float(self.loss_cfg.get("gamma", 2.0)), reduction="none",
+                                pt_from_weighted_ce=bool(self.loss_cfg.get("pt_from_weighted_ce", False)))
+    total = weight * focal
+    if self.prototypes is not None:
+      temperature = float(self.loss_cfg.get("temperature", fcn_clip.CONTRASTIVE_TEMPERATURE))
+
+      def one(z, y):  # the batch-mean term of one example
+        return fcn_clip.contrastive_loss(z[None], self.prototypes, y[None], temperature=temperature)
+
+      total = total + (1.0 - weight) * jax.vmap(one)(outputs["embedding"], labels)
+    return total

@@ -41,6 +41,10 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats} if self.batch_stats else {"params": self.params}
 
 
+# Where the loop keeps the checkpoint of the best epoch-end evaluation (early stopping's metric).
+BEST_CHECKPOINT_DIR = "checkpoints_best"
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the run stopped before saving anything from that state."""
 
@@ -59,6 +63,14 @@ class Task(Protocol):
   def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]: ...
 
   def evaluate(self, state: TrainState, mesh) -> dict[str, float]: ...
+
+  # Optional hooks:
+  #   after_evaluation(state, metrics) -> (state, report | None): called after each epoch-end
+  #     evaluation (config.eval_every_epochs) with the evaluators' metrics; report has ``scalars``
+  #     (written to the metrics file), ``messages`` (printed), ``improved`` (the monitored metric
+  #     improved: keep this state as the best checkpoint when ``keep_best_checkpoint``) and
+  #     ``stop_reason`` (not None: stop training here).
+  #   stop_reason(state) -> str | None: a restored state that already stopped early.
 
 
 TASKS: dict[str, Callable[[ml_collections.ConfigDict, Any], Task]] = {}
@@ -137,10 +149,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
   total = task.total_steps
   writer = MetricWriter(workdir)
-  if start >= total:
+  stopped = task.stop_reason(state) if hasattr(task, "stop_reason") else None
+  if start >= total or stopped:
     checkpointer.close()
     final = _last_eval(workdir)
-    _print(f"{workdir}: already trained to step {start}/{total}; last evaluation: {_fmt(final)}")
+    why = f"stopped at step {start}/{total} ({stopped})" if stopped else f"already trained to step {start}/{total}"
+    _print(f"{workdir}: {why}; last evaluation: {_fmt(final)}")
     writer.close()
     return final
 
@@ -149,9 +163,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
   log_every = int(config.get("log_every", 10))
   eval_every = int(config.get("eval_every", 0) or 0)
+  # Epoch-end evaluations (upstream's per-epoch validation); only these call task.after_evaluation.
+  epoch_eval_every = int(config.get("eval_every_epochs", 0) or 0) * task.steps_per_epoch
   ckpt_every = int(config.get("checkpoint_every", 0) or 0)
+  best_checkpointer = None
+  if getattr(task, "keep_best_checkpoint", False):
+    best_checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_CHECKPOINT_DIR), max_to_keep=1,
+                                              async_checkpointing=config.get("async_checkpointing", True))
   progress = Progress(total, start, task.global_batch_size)
   final: dict[str, float] = {}
+  stop_reason, stopped_at = None, None
   t_start = time.perf_counter()
   compile_s = None
   last_metrics = None
@@ -170,25 +191,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("first step (incl. compile) %.1fs", compile_s)
       is_log = step % log_every == 0 or step == total
       is_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total
-      is_eval = (eval_every and step % eval_every == 0) or step == total
+      is_epoch_eval = bool(epoch_eval_every) and step % epoch_eval_every == 0
+      is_eval = (eval_every and step % eval_every == 0) or is_epoch_eval or step == total
       if is_log or is_ckpt or is_eval:
         scalars = _finite_or_raise(jax.device_get(metrics), step)
         progress.update(step, loss=scalars.get("loss", float("nan")))
         scalars["img_per_s"] = progress.img_per_s
         writer.write(step, scalars)
       if is_eval:
-        final = {f"eval/{k}": v for k, v in task.evaluate(state, mesh).items()}
+        evals = task.evaluate(state, mesh)
+        final = {f"eval/{k}": v for k, v in evals.items()}
         writer.write(step, final)
         _print(f"step {step}: {_fmt(final)}")
-      if is_ckpt:
-        checkpointer.save(step, state, data_group, force=step == total)
+        if is_epoch_eval and hasattr(task, "after_evaluation"):
+          state, report = task.after_evaluation(state, evals)
+          if report is not None:
+            writer.write(step, report.scalars)
+            for message in report.messages:
+              _print(f"step {step}: {message}")
+            if report.improved and best_checkpointer is not None:
+              best_checkpointer.save(step, state, data_group, force=True)
+            stop_reason = report.stop_reason
+      if is_ckpt or stop_reason:
+        checkpointer.save(step, state, data_group, force=step == total or bool(stop_reason))
+      if stop_reason:
+        stopped_at = step
+        break
   finally:
     progress.close()
     checkpointer.close()
+    if best_checkpointer is not None:
+      best_checkpointer.close()
     writer.close()
   if last_metrics is not None:
-    _print(f"trained steps {start + 1}..{total} in {time.perf_counter() - t_start:.0f}s "
+    end = stopped_at or total
+    _print(f"trained steps {start + 1}..{end} in {time.perf_counter() - t_start:.0f}s "
            f"(first step incl. compile {compile_s:.1f}s)")
+  if stop_reason:
+    best = f"; best checkpoint in {os.path.join(workdir, BEST_CHECKPOINT_DIR)}" if best_checkpointer else ""
+    _print(f"stopped at step {stopped_at}/{total}: {stop_reason}{best}")
   return final
 
 
