@@ -44,18 +44,15 @@ def torch_path_to_flax(key: str) -> tuple[str, ...]:
   return tuple(out)
 
 
+# torch → Flax kernel axes by rank: conv OI[D]HW → [D]HWIO, conv1d OIW → WIO, linear (out,in) → (in,out).
+_KERNEL_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
+
+
 def torch_to_flax_array(value: np.ndarray, flax_leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
   """Re-lays a torch tensor for a Flax leaf: conv OI[D]HW → [D]HWIO, linear (out,in) → (in,out)."""
   value = np.asarray(value)
-  if flax_leaf == "kernel":
-    if value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)
-    elif value.ndim == 3:
-      value = value.transpose(2, 1, 0)
-    elif value.ndim == 5:
-      value = value.transpose(2, 3, 4, 1, 0)
-    elif value.ndim == 2:
-      value = value.T
+  if flax_leaf == "kernel" and value.ndim in _KERNEL_AXES:
+    value = value.transpose(_KERNEL_AXES[value.ndim])
   if value.shape != tuple(target_shape):
     raise ConversionError(f"shape {value.shape} (after re-layout) != expected {tuple(target_shape)}")
   return value
@@ -150,15 +147,8 @@ def convert_state_dict(
 def flax_to_torch_array(value: Any, flax_leaf: str, torch_shape: tuple[int, ...]) -> np.ndarray:
   """Inverse of ``torch_to_flax_array``: a Flax leaf re-laid as the torch tensor of ``torch_shape``."""
   value = np.asarray(value)
-  if flax_leaf == "kernel":
-    if value.ndim == 4:
-      value = value.transpose(3, 2, 0, 1)
-    elif value.ndim == 3:
-      value = value.transpose(2, 1, 0)
-    elif value.ndim == 5:
-      value = value.transpose(4, 3, 0, 1, 2)
-    elif value.ndim == 2:
-      value = value.T
+  if flax_leaf == "kernel" and value.ndim in _KERNEL_AXES:
+    value = value.transpose(np.argsort(_KERNEL_AXES[value.ndim]))
   if value.shape != tuple(torch_shape):
     raise ConversionError(f"shape {value.shape} (after re-layout) != torch shape {tuple(torch_shape)}")
   return value
