@@ -29,6 +29,9 @@ e.g. ``--config.mesh=data:-1,fsdp:4``.
 
 Config arguments: ``paper`` (published recipe), ``kd=False`` (FLAIR objective), ``steps=N`` (override
 the step count, e.g. for smoke tests).
+
+``--config.remat=blocks`` recomputes each ResNet block and BERT layer in the backward pass: less
+activation memory for one more forward pass of them ('dots' keeps the conv/Dense outputs; default 'none').
 """
 
 import os
@@ -47,7 +50,11 @@ def get_config(arg=None):
   c.task = "contrastive"
   c.seed = 42
   c.mesh = "data:-1"  # axis:size list; e.g. --config.mesh=data:-1,fsdp:4
+  # Run each step as K sequential microbatches (gradients summed; contrastive losses keep every
+  # negative through GradCache); BatchNorm then normalises per microbatch.
+  c.microbatches = 1
   c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
+  c.remat = "none"  # activation rematerialisation of ResNet blocks / BERT layers: 'none' | 'blocks' | 'dots'
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
 
   c.data = ml_collections.ConfigDict()

@@ -61,12 +61,17 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
 
   Each config file (``configs/dual_attend_med.py`` ...) fills in its model, data and recipe; the
   field meanings are documented in ``jaxretina.train.classification`` and ``...classifiers``.
+  ``remat`` ('none' | 'blocks' | 'dots'): activation rematerialisation of the ResNet blocks.
   """
   c = ml_collections.ConfigDict()
   c.task = "classification"
   c.seed = 0
   c.mesh = "data:-1"  # axis:size list; e.g. --config.mesh=data:-1,fsdp:4
+  # Run each step as K sequential microbatches (gradients summed; contrastive losses keep every
+  # negative through GradCache); BatchNorm then normalises per microbatch.
+  c.microbatches = 1
   c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
+  c.remat = "none"  # recompute each ResNet block in the backward pass: 'blocks' | 'dots' (less memory)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
   # fields: the image modalities in model order as 'name:channels,...' (CRD-Net: 'image:3,oct:1').
   # image_size: images are resized to image_size²; crop_size (0 = none): then cropped to crop_size² on

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxretina.models import convert
+from jaxretina.models import convert, layers
 
 Dtype = Any
 
@@ -44,7 +44,14 @@ _ACTIVATIONS = {
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-  """The ``BertConfig`` fields the encoder needs (hashable, so it can be a module attribute)."""
+  """The ``BertConfig`` fields the encoder needs (hashable, so it can be a module attribute).
+
+  Beyond HF's fields, ``remat`` (not an HF field, never in a ``config.json``) chooses the activation
+  rematerialisation of each ``BertLayer`` in the backward pass: ``'none'`` (default, keep every
+  activation), ``'blocks'`` (keep only each layer's input and recompute the layer) or ``'dots'``
+  (also keep the outputs of its Dense matmuls; recompute the attention einsums, softmax, GELU,
+  LayerNorm and dropout). See ``layers.REMAT_MODES``. The parameters do not depend on it.
+  """
 
   vocab_size: int
   hidden_size: int = 768
@@ -60,8 +67,10 @@ class BertConfig:
   pad_token_id: int = 0
   initializer_range: float = 0.02
   position_embedding_type: str = "absolute"
+  remat: str = "none"
 
   def __post_init__(self):
+    layers.check_remat(self.remat, "BertConfig")
     if self.hidden_act not in _ACTIVATIONS:
       raise ValueError(f"BertConfig.hidden_act={self.hidden_act!r}: supported {sorted(_ACTIVATIONS)}")
     if self.hidden_size % self.num_attention_heads:
@@ -205,8 +214,10 @@ class BertLayer(nn.Module):
   config: BertConfig
   dtype: Dtype | None = None
 
+  # deterministic may be passed positionally: BertEncoder does so under remat, where it is a static
+  # argument (a keyword argument would be traced).
   @nn.compact
-  def __call__(self, x, additive_mask, *, deterministic: bool = True):
+  def __call__(self, x, additive_mask, deterministic: bool = True):
     attn = BertAttention(self.config, self.dtype, name="attention")(x, additive_mask, deterministic=deterministic)
     inter = BertIntermediate(self.config, self.dtype, name="intermediate")(attn)
     return BertResidualOutput(self.config, self.dtype, name="output")(inter, attn, deterministic=deterministic)
@@ -220,9 +231,11 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, additive_mask, *, deterministic: bool = True):
+    # deterministic (argument 3, counting self) switches dropout in python: static under remat.
+    layer_cls = layers.remat_module(BertLayer, self.config.remat, static_argnums=(3,))
     outs = []
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, additive_mask, deterministic=deterministic)
+      x = layer_cls(self.config, self.dtype, name=f"layer_{i}")(x, additive_mask, deterministic)
       outs.append(x)
     return tuple(outs)
 

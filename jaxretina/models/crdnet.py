@@ -238,6 +238,8 @@ class CRDNet(nn.Module):
       names ResNet-18 towers and says nothing of the pool; we read the skip as an accident of the
       hand-written ``backbone_forward`` and default to the standard ResNet stem (False). True
       reproduces upstream (the parity fixtures use it).
+    remat: the towers' activation rematerialisation (``resnet.ResNet.remat``: ``'none'``,
+      ``'blocks'``, ``'dots'``); the parameters do not depend on it.
   """
 
   num_classes: int
@@ -249,6 +251,7 @@ class CRDNet(nn.Module):
   num_heads: int = 4
   skip_stem_maxpool: bool = False
   dtype: Dtype | None = None
+  remat: str = "none"
 
   # Not wrapped as a module method: called outside ``__call__`` (the trainer's ``backbones()`` for
   # ``config.init.backbone``), a wrapped method would adopt the tower as a child of an unbound module.
@@ -256,7 +259,7 @@ class CRDNet(nn.Module):
   def _tower(self, name: str | None, in_ch: int) -> resnet.ResNet:
     return resnet.ResNet(block=self.backbone_block, layers=tuple(self.backbone_layers), num_classes=None,
                          base_width=self.backbone_base_width, use_maxpool=not self.skip_stem_maxpool,
-                         stem_conv_bias=in_ch != 3, dtype=self.dtype, name=name)
+                         stem_conv_bias=in_ch != 3, dtype=self.dtype, remat=self.remat, name=name)
 
   @property
   def feature_channels(self) -> int:

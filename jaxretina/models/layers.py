@@ -51,6 +51,48 @@ def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / fan_out)
 
 
+# Activation rematerialisation of a repeated block (ResNet block, BERT layer): what the backward
+# pass keeps of a block's forward. "none": everything (no remat); "blocks": only the block's inputs,
+# the whole block is recomputed; "dots": also the outputs of its convolutions and of its matmuls
+# without batch dimensions (the Dense layers), so only the cheap ops in between (BatchNorm, ReLU,
+# GELU, LayerNorm, softmax, dropout) and the attention einsums are recomputed.
+REMAT_MODES = ("none", "blocks", "dots")
+
+
+def _save_convs_and_dots(prim, *avals, **params) -> bool:
+  if prim is jax.lax.conv_general_dilated_p:
+    return True
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params)
+
+
+def check_remat(mode: str, owner: str) -> str:
+  if mode not in REMAT_MODES:
+    raise ValueError(f"{owner}.remat={mode!r}: expected one of {REMAT_MODES}")
+  return mode
+
+
+_REMAT_CACHE: dict = {}
+
+
+def remat_module(module_cls, mode: str, static_argnums: tuple[int, ...] = ()):
+  """``module_cls`` wrapped in ``nn.remat`` for ``mode`` (one of ``REMAT_MODES``); "none": unchanged.
+
+  ``static_argnums`` count ``self`` as 0 and must name every python-valued argument (``train``,
+  ``deterministic``), which has to be passed positionally: keyword arguments are traced. The
+  wrapped class keeps the parameter and batch_stats layout (names come from the parent), and
+  mutable collections (BatchNorm's batch_stats) are lifted through the checkpoint. The classes are
+  cached so that every module built with the same mode shares one wrapped class.
+  """
+  check_remat(mode, module_cls.__name__)
+  if mode == "none":
+    return module_cls
+  key = (module_cls, mode, tuple(static_argnums))
+  if key not in _REMAT_CACHE:
+    policy = _save_convs_and_dots if mode == "dots" else None  # None: jax.checkpoint saves nothing
+    _REMAT_CACHE[key] = nn.remat(module_cls, static_argnums=tuple(static_argnums), policy=policy)
+  return _REMAT_CACHE[key]
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the last axis with torch's semantics.
 

@@ -14,6 +14,8 @@ Beyond torchvision's own arguments the module takes the variants the ported syst
 * ``conv_bias``: the 3×3 convs of a BasicBlock carry a bias, as in CAL's ``models/resnet.py``.
 * ``stem_conv_bias``: the stem conv carries a bias, as CRD-Net's replacement ``conv1`` for inputs
   with other than 3 channels.
+* ``remat``: activation rematerialisation of every block (``'none'``, ``'blocks'``, ``'dots'``, see
+  ``layers.REMAT_MODES``); the variables and their paths are the same in every mode.
 
 Running part of the network (CRD-Net runs the stem and layer1..3, fuses, then runs layer4): call
 with ``start_at``/``stop_after`` (``'stem'``, ``'layer1'`` … ``'layer4'``, ``'head'``), or use the
@@ -146,6 +148,11 @@ class ResNet(nn.Module):
     bn_eps, bn_momentum: BatchNorm settings, torch's momentum convention.
     zero_init_residual: the last BN of each block starts at scale 0 (torchvision's option).
     dtype: compute dtype (e.g. bf16); parameters stay float32.
+    remat: activation rematerialisation of each block in the backward pass, trading compute for
+      memory: ``'none'`` (keep every activation), ``'blocks'`` (keep only each block's input and
+      recompute the block), ``'dots'`` (also keep its conv outputs; recompute BN and ReLU). The
+      stem and head are never rematerialised. Parameter/batch_stats names and values, and so
+      checkpoints and ``from_torch``, do not depend on it.
   """
 
   block: str
@@ -162,6 +169,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.1
   zero_init_residual: bool = False
   dtype: Dtype | None = None
+  remat: str = "none"
 
   def setup(self):
     kind = canonical_block(self.block)
@@ -171,10 +179,13 @@ class ResNet(nn.Module):
       raise ValueError("BasicBlock only supports groups=1 and width_per_group=64 (as torchvision)")
     if self.conv_bias and kind != "basic":
       raise ValueError("conv_bias applies to BasicBlock only (CAL's Bottleneck convs are bias-free)")
+    layers.check_remat(self.remat, "ResNet")
     self.conv1 = layers.Conv2d(self.base_width, 7, stride=2, padding=3, use_bias=self.stem_conv_bias,
                                kernel_init=layers.kaiming_normal_fan_out, dtype=self.dtype)
     self.bn1 = layers.BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=self.dtype)
     exp = EXPANSION[kind]
+    # train (argument 2, counting self) is a python bool deciding BatchNorm's mode: static under remat.
+    block_cls = layers.remat_module(BasicBlock if kind == "basic" else Bottleneck, self.remat, static_argnums=(2,))
     inplanes = self.base_width
     stages = []
     for i, n_blocks in enumerate(self.layers):
@@ -187,9 +198,9 @@ class ResNet(nn.Module):
                       bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
                       zero_init_residual=self.zero_init_residual, dtype=self.dtype)
         if kind == "basic":
-          blocks.append(BasicBlock(conv_bias=self.conv_bias, **common))
+          blocks.append(block_cls(conv_bias=self.conv_bias, **common))
         else:
-          blocks.append(Bottleneck(groups=self.groups, width_per_group=self.width_per_group, **common))
+          blocks.append(block_cls(groups=self.groups, width_per_group=self.width_per_group, **common))
         inplanes = planes * exp
       stages.append(blocks)
     # Lists assigned in setup are named <attr>_<index>: layer1_0, layer1_1, ... = torch layer1.0, ...
@@ -216,7 +227,7 @@ class ResNet(nn.Module):
     if name not in STAGES[1:5]:
       raise ValueError(f"ResNet.stage({name!r}): expected one of {STAGES[1:5]}")
     for blk in getattr(self, name):
-      x = blk(x, train=train)
+      x = blk(x, train)  # positional: a remat block takes train as a static argument, not a keyword
     return x
 
   def head(self, x: jax.Array) -> jax.Array:

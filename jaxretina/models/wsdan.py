@@ -201,6 +201,8 @@ class WSDAN(nn.Module):
     pick_with_replacement: upstream quirk, see the module docstring.
     clamp_negative_attention_mass: see the module docstring.
     dtype: backbone compute dtype.
+    remat: the backbone's activation rematerialisation (``resnet.ResNet.remat``: ``'none'``,
+      ``'blocks'``, ``'dots'``); the parameters do not depend on it.
   """
 
   num_classes: int
@@ -213,13 +215,15 @@ class WSDAN(nn.Module):
   pick_with_replacement: bool = False
   clamp_negative_attention_mass: bool = True
   dtype: Any = None
+  remat: str = "none"
 
   def setup(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"WSDAN.variant={self.variant!r}: expected one of {VARIANTS}")
     if self.backbone_layers is not None:
       self.features = resnet_lib.ResNet(block="bottleneck", layers=tuple(self.backbone_layers), num_classes=None,
-                                        base_width=self.backbone_base_width, last_stride=1, dtype=self.dtype)
+                                        base_width=self.backbone_base_width, last_stride=1, dtype=self.dtype,
+                                        remat=self.remat)
     if self.variant == "dualattendmed":
       self.channel_attention = ChannelAttention(self.channel_reduction)
       self.attentions = layers.Conv2d(self.num_attentions, 1, use_bias=True)

@@ -34,7 +34,7 @@ import optax
 from flax import traverse_util
 
 from jaxretina.data import augment as augment_lib
-from jaxretina.train import classifiers, distributed, optim, plateau
+from jaxretina.train import classifiers, distributed, microbatch, optim, plateau
 from jaxretina.train.loop import TrainState, register_task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -335,6 +335,8 @@ class ClassificationTask:
       self.classifier.prepare(self.input_size)
     self.class_weights, samples = self._sampling(train_labels)
     self.steps_per_epoch = max(samples // self.global_batch_size, 1)
+    self.microbatches = microbatch.check(config.get("microbatches", 1), self.global_batch_size,
+                                         distributed.num_data_shards(mesh))
     self.total_steps = int(config.get("total_steps") or math.ceil(config.epochs * self.steps_per_epoch))
     self.schedule = optim.make_schedule(config.schedule, self.steps_per_epoch, self.total_steps)
     frozen = list(config.optimizer.get("frozen") or [])
@@ -422,6 +424,14 @@ class ClassificationTask:
       inputs[name] = normalize(images, mode)
     return inputs
 
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global loader batch (what ``train_step`` takes), for compiling
+    without data (``python -m jaxretina.aot``)."""
+    b, s = self.global_batch_size, int(self.config.data.image_size)
+    batch = {name: jax.ShapeDtypeStruct((b, s, s, ch), jnp.uint8) for name, ch in self.fields.items()}
+    batch["label"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+    return batch
+
   def _dummy_inputs(self) -> dict[str, jax.Array]:
     s = self.input_size
     return {name: jnp.zeros((2, s, s, ch), jnp.float32) for name, ch in self.fields.items()}
@@ -504,11 +514,35 @@ class ClassificationTask:
     gradients before clipping)``. ``inputs`` may carry the classifier's injected random draws."""
     epoch = state.step // self.steps_per_epoch
 
-    def loss_fn(params):
-      variables = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
-      return self.classifier.loss(variables, state.extra, inputs, labels, model_rng, epoch)
+    def loss_fn(params, batch_stats, extra, chunk_inputs, chunk_labels, rng):
+      variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+      return self.classifier.loss(variables, extra, chunk_inputs, chunk_labels, rng, epoch)
 
-    (loss, (metrics, batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if self.microbatches == 1:
+      (loss, (metrics, batch_stats, extra)), grads = grad_fn(state.params, state.batch_stats, state.extra, inputs,
+                                                             labels, model_rng)
+    else:
+      # Gradient accumulation: the mean of the microbatches' mean losses is the batch's mean loss.
+      # BatchNorm normalises each microbatch with its own statistics and updates its running
+      # statistics once per microbatch; model state (WS-DAN's centres) updates microbatch by microbatch.
+      shards = distributed.num_data_shards(self.mesh)
+      chunks = microbatch.split((dict(inputs), labels), self.microbatches, shards)
+      keys = jax.random.split(model_rng, self.microbatches)
+
+      def accumulate(carry, xs):
+        batch_stats, extra, grads = carry
+        (chunk_inputs, chunk_labels), key = xs
+        (chunk_loss, (chunk_metrics, batch_stats, extra)), chunk_grads = grad_fn(
+            state.params, batch_stats, extra, chunk_inputs, chunk_labels, key)
+        grads = jax.tree.map(lambda g, c: g + c / self.microbatches, grads, chunk_grads)
+        return (batch_stats, extra, grads), (chunk_loss, chunk_metrics)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (batch_stats, extra, grads), (losses, chunk_metrics) = jax.lax.scan(
+          accumulate, (state.batch_stats, state.extra, zeros), (chunks, keys))
+      loss = jnp.mean(losses)
+      metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), chunk_metrics)
     new_state = optim.apply_gradients(state, grads, self.tx, batch_stats=batch_stats, extra=extra)
     grad_norm = optax.global_norm(grads)
     lr = self.schedule(state.step) * plateau.lr_scale(state.opt_state)  # the rate this step applied

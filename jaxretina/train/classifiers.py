@@ -22,6 +22,9 @@ and optionally ``cam_features(variables, inputs) -> (B, h, w, C)`` (attention-ma
 path → torchvision-layout ResNet, for ``config.init.backbone``),
 ``prepare(image_size)`` (constants read once per start), ``load_pretrained(variables) -> variables``
 (fresh starts) and ``set_training_labels(labels, num_classes)``.
+
+``config.remat`` ('none' | 'blocks' | 'dots', ``resnet.ResNet.remat``) goes to every ResNet a
+classifier trains: activation rematerialisation of its blocks, the parameters unchanged.
 """
 
 from __future__ import annotations
@@ -79,10 +82,15 @@ def _one_field(fields: Mapping[str, int], model: str) -> str:
   return name
 
 
-def _backbone(cfg: Mapping[str, Any], dtype) -> resnet.ResNet:
+def _remat(config) -> str:
+  # Configs saved before config.remat existed train without rematerialisation.
+  return config.get("remat", "none")
+
+
+def _backbone(cfg: Mapping[str, Any], dtype, remat: str = "none") -> resnet.ResNet:
   return resnet.ResNet(block=cfg.get("block", "bottleneck"), layers=tuple(cfg.get("layers", (3, 4, 6, 3))),
                        base_width=int(cfg.get("base_width", 64)), width_per_group=int(cfg.get("width_per_group", 64)),
-                       num_classes=None, dtype=dtype)
+                       num_classes=None, dtype=dtype, remat=remat)
 
 
 # --------------------------------------------------------------------------------------------- WS-DAN
@@ -128,7 +136,7 @@ class WSDANClassifier:
         backbone_base_width=int(m.get("backbone_base_width", 64)),
         pick_with_replacement=bool(m.get("pick_with_replacement", False)),
         clamp_negative_attention_mass=bool(m.get("clamp_negative_attention_mass", True)),
-        dtype=jnp.dtype(config.get("dtype", "float32")))
+        dtype=jnp.dtype(config.get("dtype", "float32")), remat=_remat(config))
     self.center_rule = "dualattendmed" if self.variant == "dualattendmed" else "wsdan"
 
   torch_rename = staticmethod(wsdan.torch_key_rename)  # upstream keys → the converter's naming rule
@@ -256,7 +264,7 @@ class CRDNetClassifier:
                                 num_heads=int(m.get("num_heads", 4)),
                                 cross_dim=int(m.get("cross_dim") or 0) or None,
                                 skip_stem_maxpool=bool(m.get("skip_stem_maxpool", False)),
-                                dtype=jnp.dtype(config.get("dtype", "float32")))
+                                dtype=jnp.dtype(config.get("dtype", "float32")), remat=_remat(config))
 
   def _images(self, inputs):
     return tuple(inputs[f] for f in self.fields)
@@ -313,7 +321,7 @@ class BiRAClassifier:
     m = config.model
     self.variant = m.get("variant", "bira_net")
     dtype = jnp.dtype(config.get("dtype", "float32"))
-    backbone = _backbone(m.backbone, dtype)
+    backbone = _backbone(m.backbone, dtype, _remat(config))
     if self.variant == "bira_net":
       self.module = bira.BiRANet(backbone=backbone, num_classes=num_classes,
                                  matmul_masking=bool(m.get("matmul_masking", False)), dtype=dtype)
@@ -398,7 +406,8 @@ class FCNCLIPClassifier:
     m, self.loss_cfg = config.model, config.loss
     dtype = jnp.dtype(config.get("dtype", "float32"))
     self.module = fcn_clip.FCNCLIP(
-        vision=_backbone(m.vision, dtype), proj_dim=int(m.get("proj_dim", 512)), num_classes=num_classes,
+        vision=_backbone(m.vision, dtype, _remat(config)), proj_dim=int(m.get("proj_dim", 512)),
+        num_classes=num_classes,
         use_fusion=bool(m.get("use_fusion", False)), decoder_channels=tuple(m.get("decoder_channels", (512, 128))),
         cbam_reduction=int(m.get("cbam_reduction", 16)),
         dropout_rate=float(m.get("dropout_rate", 0.3)), double_cbam_gating=bool(m.get("double_cbam_gating", False)),

@@ -23,6 +23,7 @@ pairs only) and its own text padding length. BatchNorm statistics are always glo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ import optax
 from jaxretina.models import bert as bert_lib
 from jaxretina.models import flair
 from jaxretina.models import resnet as resnet_lib
-from jaxretina.train import distributed, optim
+from jaxretina.train import distributed, microbatch, optim
 from jaxretina.train.loop import TrainState, register_task
 
 
@@ -65,14 +66,18 @@ def build_text_config(cfg: ml_collections.ConfigDict, tokenizer) -> bert_lib.Ber
 
 
 def build_model(config: ml_collections.ConfigDict, text_config: bert_lib.BertConfig) -> flair.TwoTower:
+  """The two-tower model of ``config``. ``config.remat`` ('none' | 'blocks' | 'dots') rematerialises
+  the ResNet blocks and the BERT layers (``resnet.ResNet.remat``, ``bert.BertConfig.remat``)."""
   m = config.model
   dtype = jnp.dtype(config.get("dtype", "float32"))
+  remat = config.get("remat", "none")  # configs saved before config.remat existed: no remat
   vision = resnet_lib.ResNet(block=m.vision.block, layers=tuple(m.vision.layers),
                              width_per_group=m.vision.get("width_per_group", 64),
-                             base_width=m.vision.get("base_width", 64), num_classes=None, dtype=dtype)
+                             base_width=m.vision.get("base_width", 64), num_classes=None, dtype=dtype,
+                             remat=remat)
   return flair.TwoTower(
       vision=vision,
-      text=text_config,
+      text=dataclasses.replace(text_config, remat=remat),
       proj_dim=m.proj_dim,
       proj_bias=m.get("proj_bias", False),
       projection=m.get("projection", True),
@@ -100,6 +105,51 @@ def grouped_softce(logits_fn, img, txt, target_fn, groups: int) -> jax.Array:
   return jnp.mean(jnp.stack(losses))
 
 
+def sharded_softce_clip_loss(txt: jax.Array, img: jax.Array, logit_scale: jax.Array, mesh,
+                             categories: jax.Array | None = None) -> jax.Array:
+  """``flair.softce_clip_loss`` of the global batch, each device computing only its own rows.
+
+  Equal to ``softce_clip_loss(logits_per_text(txt, img, s), T)`` with T the co-occurrence targets of
+  ``categories`` (identity targets when None), but no device builds the (N, N) logits or targets:
+  device d gathers the embeddings (N·P) and builds the (n, N) rows of its n texts against every
+  image and of its n images against every text (open_clip's local loss), so per-device memory is
+  linear in the global batch N at a fixed per-device batch n.
+
+  Args:
+    txt, img: (N, P) embeddings, the batch sharded over the mesh's data axes.
+    logit_scale: the log-temperature (replicated).
+    mesh: the training mesh.
+    categories: (N,) int category ids, sharded like the batch; None = identity targets.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  axes = distributed.data_axes(mesh)
+  n_global = txt.shape[0]
+  identity = categories is None
+  if identity:
+    categories = jnp.arange(n_global, dtype=jnp.int32)  # identity targets: a distinct "category" per row
+
+  def local(txt_l, img_l, scale, cats_l):
+    txt_all = jax.lax.all_gather(txt_l, axes, tiled=True)
+    img_all = jax.lax.all_gather(img_l, axes, tiled=True)
+    cats_all = jax.lax.all_gather(cats_l, axes, tiled=True)
+    same = (cats_l[:, None] == cats_all[None, :]).astype(jnp.float32)
+    # Row r of T is same(c_r, ·) / count(c_r); T is symmetric, so the image rows use the same rows.
+    targets = same / jnp.sum(same, axis=-1, keepdims=True)
+    factor = jnp.exp(flair._clamped_in_place(scale))
+
+    def soft_ce_sum(rows, others):
+      logits = jnp.matmul(rows.astype(jnp.float32), others.astype(jnp.float32).T) * factor
+      return jnp.sum(-jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+    total = soft_ce_sum(txt_l, img_all) + soft_ce_sum(img_l, txt_all)
+    return 0.5 * jax.lax.psum(total, axes) / n_global
+
+  batch = P(axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, P(), batch), out_specs=P())(
+      txt, img, jnp.asarray(logit_scale, jnp.float32), categories.astype(jnp.int32))
+
+
 class ContrastiveTask:
   """The contrastive task bundle the loop runs (see ``jaxretina.train.loop.Task``).
 
@@ -123,8 +173,20 @@ class ContrastiveTask:
     self.schedule = optim.make_schedule(config.schedule, self.steps_per_epoch, self.total_steps)
     self.tx = optim.make_optimizer(config.optimizer, self.schedule)
     self.groups = distributed.num_data_shards(mesh) if config.loss.get("contrastive_scope") == "per_device" else 1
+    self.microbatches = microbatch.check(config.get("microbatches", 1), self.global_batch_size,
+                                         distributed.num_data_shards(mesh))
     logging.info("contrastive task: %d train examples, %d steps/epoch, %d steps", num_train_examples,
                  self.steps_per_epoch, self.total_steps)
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global loader batch (what ``train_step`` takes), for compiling
+    without data (``python -m jaxretina.aot``)."""
+    b, s, length = self.global_batch_size, int(self.config.data.image_size), int(self.config.text.max_length)
+    fields = {"image": ((b, s, s, 3), jnp.uint8), "input_ids": ((b, length), jnp.int32),
+              "attention_mask": ((b, length), jnp.int32), "category_id": ((b,), jnp.int32)}
+    if self.config.kd.enabled:
+      fields.update({f"kd/{k}": v for k, v in list(fields.items())})
+    return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in fields.items()}
 
   # ------------------------------------------------------------------ state
   def _dummy_inputs(self):
@@ -224,6 +286,15 @@ class ContrastiveTask:
       return flair.cooccurrence_targets(inputs[f"{prefix}category_id"][rows])
     return flair.identity_targets(n)
 
+  def _clip_loss(self, logit_scale, img, txt, inputs, prefix: str) -> jax.Array:
+    """The soft CLIP loss of one stream: per group (per-device scope), or over the global batch with
+    each device computing its own rows (``sharded_softce_clip_loss``). Explicit targets (the parity
+    fixtures) take the dense global formulation."""
+    if self.groups > 1 or f"{prefix}target" in inputs:
+      logits_fn = lambda t, i: flair.logits_per_text(t, i, logit_scale)  # noqa: E731
+      return grouped_softce(logits_fn, img, txt, lambda s, n: self._targets(inputs, prefix, s, n), self.groups)
+    return sharded_softce_clip_loss(txt, img, logit_scale, self.mesh, inputs.get(f"{prefix}category_id"))
+
   def _pool_lengths(self, attention_mask: jax.Array) -> jax.Array | None:
     """Per row, the longest text of its contrastive group: upstream tokenises each rank's batch
     with ``padding=True``, so that is the length its text pooling averages over."""
@@ -232,44 +303,116 @@ class ContrastiveTask:
     lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1).reshape(self.groups, -1)
     return jnp.repeat(jnp.max(lengths, axis=-1), attention_mask.shape[0] // self.groups)
 
+  def embed(self, params, batch_stats, inputs, dropout_rng, pool_lengths=None):
+    """Both towers in train mode → ``(embeddings, new batch_stats)``: ``img``, ``txt`` (and
+    ``kd_img``, ``kd_txt`` with the knowledge stream). ``pool_lengths``: ``{'': (B,), 'kd_': (B_k,)}``
+    text pooling lengths per row (default: each stream's ``_pool_lengths``)."""
+    kd = self.config.kd.enabled
+    if pool_lengths is None:
+      pool_lengths = {"": self._pool_lengths(inputs["attention_mask"])}
+      if kd:
+        pool_lengths["kd_"] = self._pool_lengths(inputs["kd_attention_mask"])
+
+    def forward(m):
+      out = {"img": m.encode_image(inputs["images"], train=True),
+             "txt": m.encode_text(inputs["input_ids"], inputs["attention_mask"], train=True,
+                                  pool_lengths=pool_lengths[""])}
+      if kd:
+        out["kd_img"] = m.encode_image(inputs["kd_images"], train=True)
+        out["kd_txt"] = m.encode_text(inputs["kd_input_ids"], inputs["kd_attention_mask"], train=True,
+                                      pool_lengths=pool_lengths["kd_"])
+      return out
+
+    out, new_vars = self.model.apply({"params": params, "batch_stats": batch_stats}, method=forward,
+                                     mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+    return out, new_vars["batch_stats"]
+
+  def embedding_loss(self, params, emb, inputs, dropout_rng):
+    """The objective on the embeddings of the whole batch → ``(loss, metrics)``: the soft CLIP losses,
+    and with the knowledge stream the expert revision and its MSE."""
+    c = self.config
+    loss_main = self._clip_loss(params["logit_scale"], emb["img"], emb["txt"], inputs, "")
+    metrics = {"loss_main": loss_main}
+    loss = loss_main
+    if c.kd.enabled:
+      revised = self.model.apply({"params": params}, emb["img"], emb["kd_img"], emb["kd_txt"], train=True,
+                                 groups=self.groups, method=flair.TwoTower.revise,
+                                 rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})
+      loss_kd = self._clip_loss(params["logit_scale"], emb["kd_img"], emb["kd_txt"], inputs, "kd_")
+      loss_revision = jnp.mean(jnp.square(emb["txt"].astype(jnp.float32) - revised.astype(jnp.float32)))
+      loss = loss + loss_kd + c.kd.weight * loss_revision
+      metrics.update(loss_kd=loss_kd, loss_revision=loss_revision)
+    metrics["loss"] = loss
+    return loss, metrics
+
   def loss_fn(self, params, batch_stats, inputs, dropout_rng):
     """The objective on prepared inputs → ``(loss, (metrics, new batch_stats))``.
 
     The logit scale enters as it is: the step clamps the parameter before differentiating, as
     upstream clamps ``logit_scale.data`` in place before its forward.
     """
-    c = self.config
-    kd = c.kd.enabled
-    groups = self.groups
+    emb, new_stats = self.embed(params, batch_stats, inputs, dropout_rng)
+    loss, metrics = self.embedding_loss(params, emb, inputs, dropout_rng)
+    return loss, (metrics, new_stats)
 
-    def forward(m):
-      img = m.encode_image(inputs["images"], train=True)
-      txt = m.encode_text(inputs["input_ids"], inputs["attention_mask"], train=True,
-                          pool_lengths=self._pool_lengths(inputs["attention_mask"]))
-      out = {"img": img, "txt": txt}
-      if kd:
-        out["kd_img"] = m.encode_image(inputs["kd_images"], train=True)
-        out["kd_txt"] = m.encode_text(inputs["kd_input_ids"], inputs["kd_attention_mask"], train=True,
-                                      pool_lengths=self._pool_lengths(inputs["kd_attention_mask"]))
-        out["revised"] = m.revise(img, out["kd_img"], out["kd_txt"], train=True, groups=groups)
-      return out
+  def microbatched_grads(self, params, batch_stats, inputs, dropout_rng):
+    """``value_and_grad(loss_fn)`` with the towers run in ``config.microbatches`` sequential pieces,
+    keeping every negative (GradCache, Gao et al. 2021).
 
-    variables = {"params": params, "batch_stats": batch_stats}
-    out, new_vars = self.model.apply(variables, method=forward, mutable=["batch_stats"],
-                                     rngs={"dropout": dropout_rng})
-    logits_fn = lambda t, i: flair.logits_per_text(t, i, params["logit_scale"])  # noqa: E731
-    loss_main = grouped_softce(logits_fn, out["img"], out["txt"],
-                               lambda s, n: self._targets(inputs, "", s, n), groups)
-    metrics = {"loss_main": loss_main}
-    loss = loss_main
+    1. Embed each microbatch without keeping its activations (a scan; BatchNorm running statistics
+       update once per microbatch, in order).
+    2. Loss of the whole batch on the embeddings; its gradient with respect to the embeddings and to
+       the parameters used on them directly (logit scale, revision attention).
+    3. Re-run each microbatch's towers and pull its embedding gradient back to the parameters.
+
+    BatchNorm normalises each microbatch with its own statistics (as K accumulation steps or K
+    data-parallel ranks without SyncBN would), so the gradient equals the full-batch one exactly
+    for every layer but BatchNorm's batch statistics.
+    """
+    kd = self.config.kd.enabled
+    shards = distributed.num_data_shards(self.mesh)
+    k = self.microbatches
+
+    def full_lengths(mask):
+      per_row = self._pool_lengths(mask)
+      if per_row is None:  # one group: the whole batch's longest text, spelled out per row
+        per_row = jnp.full(mask.shape[:1], jnp.max(jnp.sum(mask.astype(jnp.int32), axis=-1)), jnp.int32)
+      return per_row
+
+    tower_inputs = {name: inputs[name] for name in ("images", "input_ids", "attention_mask")}
+    tower_inputs["pool"] = full_lengths(inputs["attention_mask"])
     if kd:
-      loss_kd = grouped_softce(logits_fn, out["kd_img"], out["kd_txt"],
-                               lambda s, n: self._targets(inputs, "kd_", s, n), groups)
-      loss_revision = jnp.mean(jnp.square(out["txt"].astype(jnp.float32) - out["revised"].astype(jnp.float32)))
-      loss = loss + loss_kd + c.kd.weight * loss_revision
-      metrics.update(loss_kd=loss_kd, loss_revision=loss_revision)
-    metrics["loss"] = loss
-    return loss, (metrics, new_vars["batch_stats"])
+      tower_inputs.update({name: inputs[name] for name in ("kd_images", "kd_input_ids", "kd_attention_mask")})
+      tower_inputs["kd_pool"] = full_lengths(inputs["kd_attention_mask"])
+    chunks = microbatch.split(tower_inputs, k, shards)
+    keys = jax.random.split(dropout_rng, k)
+
+    def embed_chunk(p, stats, chunk, key):
+      pools = {"": chunk["pool"], "kd_": chunk.get("kd_pool")}
+      return self.embed(p, stats, chunk, key, pool_lengths=pools)
+
+    def first_pass(stats, xs):
+      chunk, key = xs
+      emb, stats = embed_chunk(params, stats, chunk, key)
+      return stats, emb
+
+    new_stats, emb_chunks = jax.lax.scan(first_pass, batch_stats, (chunks, keys))
+    emb_chunks = jax.lax.stop_gradient(emb_chunks)
+    (loss, metrics), (direct_grads, emb_grads) = jax.value_and_grad(self.embedding_loss, argnums=(0, 1),
+                                                                    has_aux=True)(
+        params, microbatch.merge(emb_chunks, shards), inputs, dropout_rng)
+    emb_grad_chunks = microbatch.split(emb_grads, k, shards)
+
+    def second_pass(grads, xs):
+      chunk, key, emb_grad = xs
+      # Train-mode BatchNorm normalises with the microbatch's own statistics, so this forward equals
+      # the first pass whatever running statistics it is given.
+      _, pull_back = jax.vjp(lambda p: embed_chunk(p, batch_stats, chunk, key)[0], params)
+      (chunk_grads,) = pull_back(emb_grad)
+      return jax.tree.map(jnp.add, grads, chunk_grads), None
+
+    grads, _ = jax.lax.scan(second_pass, direct_grads, (chunks, keys, emb_grad_chunks))
+    return (loss, (metrics, new_stats)), grads
 
   def step_on_inputs(self, state: TrainState, inputs, dropout_rng: jax.Array):
     """One optimisation step on prepared inputs → ``(new_state, metrics, gradients before clipping)``.
@@ -279,8 +422,11 @@ class ContrastiveTask:
     weight decay and the update see; nothing clamps after the update (the next step does).
     """
     params = dict(state.params, logit_scale=flair.clamp_logit_scale(state.params["logit_scale"]))
-    (loss, (metrics, batch_stats)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-        params, state.batch_stats, inputs, dropout_rng)
+    if self.microbatches > 1:
+      (loss, (metrics, batch_stats)), grads = self.microbatched_grads(params, state.batch_stats, inputs, dropout_rng)
+    else:
+      (loss, (metrics, batch_stats)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+          params, state.batch_stats, inputs, dropout_rng)
     new_state = optim.apply_gradients(state, grads, self.tx, params=params, batch_stats=batch_stats)
     grad_norm = optax.global_norm(grads)
     metrics.update(grad_norm=grad_norm, lr=self.schedule(state.step),
