@@ -8,7 +8,11 @@ parameter, exponentiated without a clamp as upstream's adapters do.
 * CLIP-Adapter: ``A = ReLU ∘ Linear(d/4→d) ∘ ReLU ∘ Linear(d→d/4)`` (no biases, torch default init);
   ``X' = normalise(0.2·A(X) + 0.8·X)``; logits ``exp(s)·X'·Pᵀ``; trained with CE.
 * Tip-Adapter: cache keys K = training features (N, d), values V = one-hot labels (N, K);
-  logits ``c·X·Pᵀ + α·exp(−(β − β·X·Kᵀ))·V`` with c = 100, β = 5, α = 1 (upstream's constants).
+  logits ``c·X·Pᵀ + α·exp(−(β − β·X·Kᵀ))·V`` with c = 100, β = 5, α = 1 (upstream's constants; no
+  search over α, β). c is CLIP's temperature, not the model's exp(s): with exp(s) < 100 the zero-shot
+  term is sharper than the model's own zero-shot logits, while the cache's class sums are at most the
+  shots per class, so with few shots Tip-Adapter stays near zero-shot (KeepFIT's FLAIR row on
+  ODIR200×3: 0.403–0.422 ACA at 1–10 shots, zero-shot 0.403).
 * Tip-Adapter-f: the same with the keys learned, initialised from the cache.
 
 Training follows upstream: 40 epochs, one sample per step in a fixed order shuffled once with
