@@ -365,18 +365,12 @@ def test_early_stopping_counts_evaluations_without_strict_improvement():
 
 
 def _tiny_bira(data_dir, *, steps=0):
-  c = _config("bira_net", f"steps={steps}" if steps else "")
+  from test_classification import tiny_config
+
+  c = tiny_config("bira_net", data_dir, steps=steps)
   with c.unlocked():
-    c.data.data_dir = data_dir
-    c.data.builder_kwargs = dict(config="tiny")
-    c.data.image_size = 32
-    c.batch_size = 8
-    c.log_every = 1
     c.checkpoint_every = 0
-    c.async_checkpointing = False
-    c.evals.classification.batch_size = 8
     c.evals.classification.heatmaps = 1
-    c.model.backbone = dict(block="basic", layers=[1, 1, 1, 1], base_width=8)
     c.schedule = dict(name="constant", lr=1e-3)
   return c
 
