@@ -144,13 +144,18 @@ def _write_code_name_frames(root, per_class: int, shifts) -> list[str]:
   return paths
 
 
-@pytest.fixture(scope="module")
-def code_name_dataframe(tmp_path_factory):
-  """30 synthetic fundus images per class in a FLAIR-format CSV, the classes named by code names
-  ("grade a" ... "grade g") that carry no meaning for the text tower."""
-  root = tmp_path_factory.mktemp("code_names")
-  (csv_path,) = _write_code_name_frames(root, 30, shifts=[0])
-  return str(root), csv_path, list(CODE_NAMES)
+def code_name_config(workdir, tmp_path, root, csv_path, targets, arg):
+  """``configs/transfer.py:ARG`` on a code-name dataframe (32 px canvases, no FOV crop)."""
+  config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(arg)
+  with config.unlocked():
+    config.checkpoint = workdir
+    config.cache_dir = str(tmp_path / "cache")
+    config.targets = targets
+    config.data.csv = csv_path
+    config.data.root = root
+    config.data.image_size = 32
+    config.data.crop_foreground = False
+  return config
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +193,8 @@ def test_adapters_and_probe_learn_from_few_shots(trained_run, code_name_assignme
   for method in ("zero_shot", "lp", "clip_adapter", "tip_adapter", "tip_adapter_f"):
     acas = []
     for j, csv_path in enumerate(csvs):
-      config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(
-          f"experiment=codes,method={method},shots_train={FEW_SHOT_SHOTS},shots_test=50%,folds=1")
-      with config.unlocked():
-        config.checkpoint = workdir
-        config.cache_dir = str(tmp_path / "cache")
-        config.targets = targets
-        config.data.csv = csv_path
-        config.data.root = root
-        config.data.image_size = 32
-        config.data.crop_foreground = False
+      config = code_name_config(workdir, tmp_path, root, csv_path, targets,
+                                f"experiment=codes,method={method},shots_train={FEW_SHOT_SHOTS},shots_test=50%,folds=1")
       result = evaluate.run_protocol(two_tower, config, distributed.make_mesh(config.mesh),
                                      str(tmp_path / method / str(j)), log=lambda _: None)
       acas.append(result["summary"]["aca"]["mean"])
@@ -214,18 +211,11 @@ def test_finetune_with_a_validation_split_and_lp_initialised_head(trained_run, c
   workdir, _ = trained_run
   root, csvs, targets = code_name_assignments
   csv_path = csvs[0]
-  config = load_config_module(os.path.join(REPO_ROOT, "configs", "transfer.py")).get_config(
-      "experiment=codes,method=LP+FT,shots_train=30,shots_val=10,shots_test=20%,folds=1")
+  config = code_name_config(workdir, tmp_path, root, csv_path, targets,
+                            "experiment=codes,method=LP+FT,shots_train=30,shots_val=10,shots_test=20%,folds=1")
   assert config.method == "finetune" and config.finetune.lp_init and not config.project_features
   with config.unlocked():
-    config.checkpoint = workdir
-    config.cache_dir = str(tmp_path / "cache")
     config.out_dir = str(tmp_path / "ft")
-    config.targets = targets
-    config.data.csv = csv_path
-    config.data.root = root
-    config.data.image_size = 32
-    config.data.crop_foreground = False
     config.finetune.epochs = 3
     config.finetune.batch_size = 8
   result, log = run(config)

@@ -264,3 +264,37 @@ def train_step_outputs(case: Case, placement: Mapping[str, tuple[str, ...]], *, 
         out[prefix + key] = value
   out.update({k: np.asarray(v) for k, v in dict(extra).items()})
   return out
+
+
+def one_device_mesh():
+  """The mesh a train-step fixture runs on: upstream's step is one process on one device."""
+  import jax
+
+  return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def start_state(case: Case, task, variables: Mapping[str, Any], *, step: int = 0, extra: Any = None):
+  """The trainer state a train-step fixture starts from.
+
+  Checks that ``task``'s schedule gives the fixture's ``meta.optimizer.lr_at_step`` at ``step``, and
+  starts a fresh optimizer (upstream builds its own) whose schedule counter is at ``step``.
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from jaxretina.train.loop import TrainState
+
+  want = float(case.meta["optimizer"]["lr_at_step"])
+  lr = float(task.schedule(step))
+  if not np.isclose(lr, want, rtol=1e-6, atol=0.0):
+    raise ValueError(f"{case.path}: the configured schedule gives lr {lr} at step {step}, the fixture ran at {want}")
+  params = jax.tree.map(jnp.asarray, variables["params"])
+  opt_state = task.tx.init(params)
+  if step:
+    opt_state = optax.tree_utils.tree_set(opt_state, count=jnp.asarray(step, jnp.int32))
+    if int(optax.tree_utils.tree_get(opt_state, "count", -1)) != step:
+      raise ValueError(f"{case.path}: cannot put the optimizer's schedule counter at step {step}")
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                    batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})), opt_state=opt_state,
+                    rng=jax.random.key_data(jax.random.key(0)), extra={} if extra is None else extra)

@@ -113,7 +113,7 @@ def build(case: parity.Case, config: ml_collections.ConfigDict,
   placement: dict = {}
   variables = convert(module, placement)
   config.optimizer.frozen = frozen_patterns(case, placement, outside_model=outside_model)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  mesh = parity.one_device_mesh()
   task = ClassificationTask(config, mesh, np.asarray(case.inputs["labels"], np.int64))
   return task, variables, placement
 
@@ -124,16 +124,8 @@ def run_step(case: parity.Case, task, variables: Mapping[str, Any], inputs: Mapp
   Fails when the configured learning rate differs from ``meta.optimizer.lr_at_step`` or when a
   frozen parameter moved.
   """
-  from jaxretina.train.loop import TrainState
-
-  want = float(case.meta["optimizer"]["lr_at_step"])
-  lr = float(task.schedule(0))
-  if not np.isclose(lr, want, rtol=1e-6, atol=0.0):
-    raise ValueError(f"{case.path}: the configured schedule gives lr {lr} at step 0, the fixture ran at {want}")
-  params = jax.tree.map(jnp.asarray, variables["params"])
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})),
-                     opt_state=task.tx.init(params), rng=jax.random.PRNGKey(0))
+  state = parity.start_state(case, task, variables)
+  params = state.params
   labels = jnp.asarray(np.asarray(case.inputs["labels"]).astype(np.int32))
   # The fixtures draw nothing inside the step (dropout off), so the model key is arbitrary.
   new_state, metrics, grads = jax.jit(task.step_on_inputs)(state, dict(inputs), labels, jax.random.PRNGKey(1))

@@ -160,23 +160,14 @@ def _contrastive_train_step(case: parity.Case, knowledge: bool) -> dict:
   import jax
 
   from jaxretina.train import contrastive
-  from jaxretina.train.loop import TrainState
 
   config = _contrastive_config(case, knowledge)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  task = contrastive.ContrastiveTask(config, mesh, config.num_train_examples)
-  lr = float(task.schedule(0))
-  if not np.isclose(lr, case.meta["optimizer"]["lr_at_step"], rtol=1e-6):
-    raise ValueError(f"{case.path}: the configured schedule gives lr {lr} at step 0, the fixture ran at "
-                     f"{case.meta['optimizer']['lr_at_step']}")
+  task = contrastive.ContrastiveTask(config, parity.one_device_mesh(), config.num_train_examples)
   placement: dict = {}
   image_shape = (1,) + tuple(parity.nchw_to_nhwc(case.inputs["pixel_values"]).shape[1:])
   variables = flair.from_torch(case.weights, task.model, image_shape=image_shape, source=case.path,
                                placement=placement)
-  params = jax.tree.map(jnp.asarray, variables["params"])
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
-                     opt_state=task.tx.init(params), rng=jax.random.key_data(jax.random.key(0)))
+  state = parity.start_state(case, task, variables)
   inputs = {"images": _images(case, "pixel_values"), "target": jnp.asarray(case.inputs["target"])}
   inputs["input_ids"], inputs["attention_mask"] = _tokens(case, "input_ids", "attention_mask")
   if knowledge:

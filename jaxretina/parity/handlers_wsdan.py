@@ -257,41 +257,28 @@ def _wsdan_step_config(case: parity.Case, variant: str):
 def _wsdan_train_step(case: parity.Case, variant: str) -> dict:
   """One upstream ``train`` iteration through the classification trainer's own step."""
   import jax
-  import optax
 
   from jaxretina.train import classification
-  from jaxretina.train.loop import TrainState
 
   config = _wsdan_step_config(case, variant)
   opt = case.meta["optimizer"]
   loader_len = int(opt.get("len_loader") or _patched_number(case, r"loader \(len (\d+)\)", "the loader length"))
   iteration = int(opt.get("iteration", 0))  # the fixture runs the epoch's first iteration
   labels = np.asarray(case.inputs["labels"])
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  mesh = parity.one_device_mesh()
   # An epoch of loader_len batches, so that the trainer's epoch = step // steps_per_epoch.
   task = classification.ClassificationTask(config, mesh, np.resize(labels, loader_len * len(labels)))
   if task.steps_per_epoch != loader_len:
     raise ValueError(f"{case.path}: the trainer has {task.steps_per_epoch} steps per epoch, upstream {loader_len}")
   step = int(opt["epoch"]) * loader_len + iteration
-  lr = float(task.schedule(step))
-  if not np.isclose(lr, opt["lr_at_step"], rtol=1e-6):
-    raise ValueError(f"{case.path}: the configured schedule gives lr {lr} at step {step} (epoch {opt['epoch']}), the "
-                     f"fixture ran at {opt['lr_at_step']}")
-
   placement: dict = {}
   x = _nhwc(case.inputs["x"])
   variables = wsdan.from_torch(case.weights, task.classifier.module, input_shape=(1,) + x.shape[1:],
                                source=case.path, placement=placement)
-  params = jax.tree.map(jnp.asarray, variables["params"])
   # Upstream builds a fresh SGD (no momentum buffer) and sets its lr from the epoch schedule: a fresh
   # optimizer state whose schedule counter is at the step (optax's sgd reads the lr at its own count).
-  opt_state = optax.tree_utils.tree_set(task.tx.init(params), count=jnp.asarray(step, jnp.int32))
-  if int(optax.tree_utils.tree_get(opt_state, "count", -1)) != step:
-    raise ValueError(f"{case.path}: cannot put the optimizer's schedule counter at step {step}")
-  state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                     batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]),
-                     opt_state=opt_state, rng=jax.random.key_data(jax.random.key(0)),
-                     extra={"feature_centers": jnp.asarray(case.inputs["feature_center"], jnp.float32)})
+  state = parity.start_state(case, task, variables, step=step,
+                             extra={"feature_centers": jnp.asarray(case.inputs["feature_center"], jnp.float32)})
   draws = {}
   for fixture_name, name in _STEP_DRAWS.items():
     if fixture_name in case.inputs:
