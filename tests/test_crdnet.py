@@ -1,6 +1,7 @@
 """CRD-Net: two-modality forward, loss, flags, block semantics and input validation (tiny widths)."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
