@@ -24,6 +24,7 @@ checkpoint is kept under <workdir>/checkpoints_best).
 Config arguments: ``paper``, ``variant=bira_net|ra_net``, ``steps=N``.
 """
 
+from jaxretina import configlib
 from jaxretina.configlib import classification_config, parse_arg
 from jaxretina.data import synthetic
 from jaxretina.models import bira
@@ -32,7 +33,7 @@ DR_GRADES = list(synthetic.CLASS_NAMES[:5])
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paper=False, variant="bira_net", steps=0)
+  arg = parse_arg(arg, paper=False, synthetic=False, variant="bira_net", steps=0)
   c = classification_config("bira_net", steps=arg.steps)
   c.model.variant = arg.variant
   c.model.matmul_masking = False  # upstream quirk (models/bira.py): True reproduces the matmul masking
@@ -82,4 +83,7 @@ def get_config(arg=None):
     c.batch_size = 32
     c.epochs = 12
     c.checkpoint_every = 200
+  if arg.synthetic:
+    configlib.require_paper(arg, 'bira_net.py')
+    configlib.use_synthetic_classification_data(c, builder="synthetic_retina")
   return c

@@ -29,12 +29,13 @@ and kept in ``metrics.jsonl``. ``skip_stem_maxpool`` reproduces upstream's tower
 Config arguments: ``paper``, ``steps=N``.
 """
 
+from jaxretina import configlib
 from jaxretina.configlib import classification_config, parse_arg
 from jaxretina.data import synthetic_oct
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paper=False, steps=0)
+  arg = parse_arg(arg, paper=False, synthetic=False, steps=0)
   c = classification_config("crd_net", steps=arg.steps)
   # Model order: x = fundus, y = OCT. The embedded run trains from scratch and keeps the OCT grey
   # (a 1-channel tower gets upstream's replacement stem conv); :paper feeds it as RGB.
@@ -76,4 +77,7 @@ def get_config(arg=None):
     c.batch_size = 32
     c.epochs = 8
     c.checkpoint_every = 200
+  if arg.synthetic:
+    configlib.require_paper(arg, 'crd_net.py')
+    configlib.use_synthetic_classification_data(c, builder="synthetic_fundus_oct")
   return c

@@ -26,13 +26,14 @@ Other datasets: ``--config.data.name=ddr --config.data.num_classes=6`` etc. (ups
 Config arguments: ``paper``, ``variant=dualattendmed|cal``, ``steps=N``.
 """
 
+from jaxretina import configlib
 from jaxretina.configlib import classification_config, parse_arg
 from jaxretina.data import synthetic
 from jaxretina.models import wsdan
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paper=False, variant="dualattendmed", steps=0)
+  arg = parse_arg(arg, paper=False, synthetic=False, variant="dualattendmed", steps=0)
   c = classification_config("wsdan", steps=arg.steps)
   c.model.variant = arg.variant
   c.model.num_attentions = 32
@@ -93,4 +94,7 @@ def get_config(arg=None):
     c.batch_size = 32
     c.epochs = 10
     c.checkpoint_every = 200
+  if arg.synthetic:
+    configlib.require_paper(arg, 'dual_attend_med.py')
+    configlib.use_synthetic_classification_data(c, builder="synthetic_retina")
   return c

@@ -32,13 +32,14 @@ Upstream quirks are flags, default off: ``config.model``/``config.loss`` (``doub
 Config arguments: ``paper``, ``steps=N``.
 """
 
+from jaxretina import configlib
 from jaxretina.configlib import classification_config, parse_arg
 from jaxretina.data import synthetic
 from jaxretina.models import fcn_clip
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paper=False, steps=0)
+  arg = parse_arg(arg, paper=False, synthetic=False, steps=0)
   c = classification_config("fcn_clip", steps=arg.steps)
   c.model.use_fusion = False  # the reported run; True decodes the fused layer2+layer3 map
   c.model.double_cbam_gating = False
@@ -112,4 +113,7 @@ def get_config(arg=None):
   # minority chain for classes 1, 3, 4, the 0.1 flip otherwise) also run on validation and test,
   # chosen by the true label. False (the intent): evaluation is deterministic. True reproduces it.
   c.augment.augment_eval_splits = False
+  if arg.synthetic:
+    configlib.require_paper(arg, 'fcn_clip.py')
+    configlib.use_synthetic_classification_data(c, builder="synthetic_retina")
   return c

@@ -38,6 +38,7 @@ import os
 
 import ml_collections
 
+from jaxretina import configlib
 from jaxretina.configlib import parse_arg
 from jaxretina.data import synthetic
 from jaxretina.text import prompts
@@ -45,7 +46,7 @@ from jaxretina.text import prompts
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paper=False, kd=True, steps=0)
+  arg = parse_arg(arg, paper=False, synthetic=False, kd=True, steps=0)
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
   c.seed = 42
@@ -88,6 +89,7 @@ def get_config(arg=None):
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.log_every = 20
+  c.profile_steps = ""  # 'START,END': a jax.profiler trace of those steps under WORKDIR/profile
   c.total_steps = arg.steps
 
   if arg.paper:
@@ -135,5 +137,8 @@ def get_config(arg=None):
     c.evals = dict(zero_shot=dict(type="zero_shot", split="test", classes=list(synthetic.ZERO_SHOT_CLASSES),
                                   template="A fundus photograph of [CLS]", domain_knowledge=True, variant="flair",
                                   batch_size=64))
+  if arg.synthetic:
+    configlib.require_paper(arg, 'keepfit.py')
+    configlib.use_synthetic_pretraining_data(c)
   c.lock()
   return c

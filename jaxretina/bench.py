@@ -42,6 +42,12 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after warm-up.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _MIN_CPU_SHARE = flags.DEFINE_float("min_cpu_share", 0.85, "CPU-only: keep steps with cpu/(wall·cores) ≥ this.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_AGAINST_TORCH = flags.DEFINE_bool("against_torch", False, "Also time an equivalent PyTorch step "
+                                   "(jaxretina.bench_torch), interleaved with ours, and print the ratio.")
+_PROFILE_TOP = flags.DEFINE_integer("profile_top", 0, "Trace 3 steps and print the N ops that take the most "
+                                    "time, and the time per op category.")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write the traced steps' jax.profiler trace here "
+                                   "(TensorBoard profile plugin); default: a temporary directory.")
 _INPUT = flags.DEFINE_bool("input", False, "Benchmark the host input pipeline instead of a train step.")
 _INPUT_RECORDS = flags.DEFINE_integer("input_records", 512, "Input mode: records of the generated dataset.")
 _INPUT_IMAGE_SIZE = flags.DEFINE_integer("input_image_size", 512, "Input mode: image side (generated and batched).")
@@ -65,9 +71,28 @@ def _peak_memory_bytes(devices) -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host process max RSS"
 
 
-def benchmark(config, steps: int, warmup: int, min_cpu_share: float) -> dict:
+def _cpu_share(cpu_seconds: float, wall: float, cores: int) -> float:
+  return cpu_seconds / (wall * cores)
+
+
+def _timed(fn, cores: int) -> tuple[float, float]:
+  """(wall seconds, CPU share) of one call of ``fn`` (which blocks until its results are ready)."""
+  c0, w0 = time.process_time(), time.perf_counter()
+  fn()
+  wall = time.perf_counter() - w0
+  return wall, _cpu_share(time.process_time() - c0, wall, cores)
+
+
+def _median_kept(samples: list[tuple[float, float]], min_cpu_share: float, on_cpu: bool) -> tuple[float, int]:
+  kept = [wall for wall, share in samples if not on_cpu or share >= min_cpu_share]
+  return statistics.median(kept or [wall for wall, _ in samples]), len(kept)
+
+
+def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_top: int = 0,
+              profile_dir: str | None = None, against_torch: bool = False) -> dict:
   import jax
 
+  from jaxretina import profiling
   from jaxretina.train import distributed, loop
 
   mesh = distributed.make_mesh(config.mesh)
@@ -78,45 +103,87 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float) -> dict:
   state = jax.jit(task.init_state, out_shardings=shardings)(rng)
   streams = task.data_streams(mesh)
   batch = loop.next_batch(streams, mesh)
+  host_batch = jax.device_get(batch)
   step_fn = jax.jit(task.train_step, in_shardings=(shardings, distributed.batch_sharding(mesh)),
                     out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
+  flops = profiling.compiled_flops(compiled)
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
 
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  on_cpu = jax.devices()[0].platform == "cpu"
-  walls, kept = [], []
-  for _ in range(steps):
-    c0, w0 = time.process_time(), time.perf_counter()
+  def jax_step():
+    nonlocal state, metrics
     state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
-    wall = time.perf_counter() - w0
-    share = (time.process_time() - c0) / (wall * cores)
-    walls.append(wall)
-    if not on_cpu or share >= min_cpu_share:
-      kept.append(wall)
-  used = kept or walls
-  median = statistics.median(used)
+
+  torch_step = None
+  result_torch = {}
+  if against_torch:
+    from jaxretina import bench_torch
+
+    torch_step, torch_params, differences = bench_torch.reference_step(config, host_batch, task)
+    for _ in range(warmup):
+      torch_step()
+    ours = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    result_torch = {"torch_parameters": torch_params, "jaxretina_parameters": ours,
+                    "torch_reference_differs": differences}
+
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  on_cpu = jax.devices()[0].platform == "cpu"
+  ours_samples, torch_samples = [], []
+  for _ in range(steps):  # interleaved: a slow phase of the machine hits both alike
+    ours_samples.append(_timed(jax_step, cores))
+    if torch_step is not None:
+      torch_samples.append(_timed(torch_step, cores))
+  median, kept = _median_kept(ours_samples, min_cpu_share, on_cpu)
   peak, peak_kind = _peak_memory_bytes(jax.local_devices())
-  return {
+  device = jax.devices()[0]
+  per_device_flops = flops  # the compiled SPMD program is one device's share
+  result = {
       "config_task": config.task,
-      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "devices": f"{jax.device_count()} x {device.device_kind}",
       "global_batch": task.global_batch_size,
       "compile_s": round(compile_s, 2),
       "step_s_median": round(median, 4),
       "img_per_s": round(task.global_batch_size / median, 2),
       "img_per_s_per_device": round(task.global_batch_size / median / jax.device_count(), 2),
-      "steps_timed": len(walls),
-      "steps_kept": len(kept) if on_cpu else len(walls),
+      "steps_timed": len(ours_samples),
+      "steps_kept": kept if on_cpu else len(ours_samples),
       "kept_rule": f"cpu/(wall*{cores}) >= {min_cpu_share}" if on_cpu else "all",
       "peak_memory_mb": round(peak / 2**20, 1),
       "peak_memory_kind": peak_kind,
+      "model_tflop_per_step": round(per_device_flops * jax.device_count() / 1e12, 4) if flops else None,
+      "achieved_tflop_s_per_device": round(per_device_flops / median / 1e12, 4) if flops else None,
       "loss_finite": bool(jax.device_get(metrics["loss"]) == jax.device_get(metrics["loss"])),
   }
+  peak_flops = profiling.peak_flops_per_device(device, config.get("dtype", "float32"))
+  if flops and peak_flops:
+    result["mfu"] = round(per_device_flops / median / peak_flops, 4)
+    result["mfu_peak_tflop_s"] = peak_flops / 1e12
+  elif flops:
+    result["mfu"] = f"n/a (no peak FLOP/s on record for {device.device_kind!r}, {config.get('dtype', 'float32')})"
+  if torch_step is not None:
+    torch_median, torch_kept = _median_kept(torch_samples, min_cpu_share, on_cpu)
+    result.update(result_torch)
+    result.update({"torch_step_s_median": round(torch_median, 4), "torch_steps_kept": torch_kept,
+                   "torch_threads": __import__("torch").get_num_threads(),
+                   "speed_jaxretina_over_torch": round(torch_median / median, 3)})
+  if profile_top or profile_dir:
+    import tempfile
+
+    directory = profile_dir or tempfile.mkdtemp(prefix="jaxretina_profile_")
+    traced_steps = 3
+    trace_path = profiling.trace(lambda: jax_step(), directory, traced_steps)
+    rows = profiling.top_ops(trace_path, traced_steps, compiled.as_text())
+    result["profile"] = trace_path
+    result["profile_summary"] = profiling.summary(rows)
+    if profile_top:
+      result["_profile_tables"] = (profiling.format_categories(rows) + "\n\n" +
+                                   profiling.format_table(rows, profile_top))
+  return result
 
 
 def _print_input(result: dict) -> None:
@@ -152,9 +219,16 @@ def main(argv) -> None:
     return
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (or pass --input for the input benchmark)")
-  result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _MIN_CPU_SHARE.value)
+  result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _MIN_CPU_SHARE.value,
+                     profile_top=_PROFILE_TOP.value, profile_dir=_PROFILE_DIR.value,
+                     against_torch=_AGAINST_TORCH.value)
+  tables = result.pop("_profile_tables", None)
   for k, v in result.items():
-    print(f"{k:22s} {v}")
+    if k != "profile_summary":
+      print(f"{k:28s} {v}")
+  if tables:
+    print("\ntime per op category and top ops (3 traced steps; on CPU, seconds summed over threads):")
+    print(tables)
   if result["steps_kept"] == 0:
     print("warning: no step met the CPU-share rule (machine in a slow phase); median over all steps",
           file=sys.stderr)

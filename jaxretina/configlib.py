@@ -97,6 +97,7 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   c.keep_checkpoints = 3
   c.async_checkpointing = True
   c.log_every = 20
+  c.profile_steps = ""  # 'START,END': a jax.profiler trace of those steps under WORKDIR/profile
   c.checkpoint_every = 500
   c.eval_every = 0
   # Evaluate at every N-th epoch end (0 = off); ReduceLROnPlateau and early stopping step on these
@@ -110,3 +111,80 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   c.evals = ml_collections.ConfigDict(dict(classification=dict(
       type="classification", split="test", batch_size=64, heatmaps=8, cam_iou=False)))
   return c
+
+
+# Bio_ClinicalBERT's (bert-base-cased) vocabulary size: the paper-shaped text tower's embedding table.
+PAPER_BERT_VOCAB_SIZE = 28996
+# Captions of the synthetic paper-shaped runs are padded to this many tokens (FLAIR's model_max_length).
+SYNTHETIC_CAPTION_TOKENS = 77
+
+
+def synthetic_builder_kwargs(image_size, *, num_train: int = 512, num_test: int = 64,
+                             num_expert: int | None = 64) -> dict:
+  """TFDS builder kwargs of a generated dataset at ``image_size`` px (built once, cached in data_dir).
+
+  ``image_size`` may be a reference to ``config.data.image_size``, so that ``--config.data.image_size``
+  generates the images at the new size too."""
+  kwargs = dict(image_size=image_size, num_train=num_train, num_test=num_test)
+  if num_expert is not None:
+    kwargs["num_expert"] = num_expert
+  return kwargs
+
+
+def use_synthetic_pretraining_data(c: ml_collections.ConfigDict) -> None:
+  """``:paper,synthetic=True`` for the two-tower configs: the paper's towers (ResNet-50 and a BERT-base
+  text tower with Bio_ClinicalBERT's 28,996-entry embedding table, trained from scratch), resolution,
+  batch and optimiser, on generated retina images and captions. Nothing is downloaded: the captions are
+  tokenised with the embedded vocabulary, whose ids all fall inside the table."""
+  from jaxretina.data import synthetic
+  from jaxretina.text import prompts
+
+  c.data.name = "synthetic_retina"
+  c.data.builder_kwargs = synthetic_builder_kwargs(c.data.get_ref("image_size"))
+  c.data.build_if_missing = True
+  c.data.category_names = list(synthetic.CATEGORY_NAMES)
+  c.data.banned_categories = list(prompts.BANNED_CATEGORIES)
+  c.kd.name = ""  # the generated dataset's own expert split
+  c.kd.split = "expert"
+  c.text.tokenizer = "embedded"
+  c.text.pretrained_dir = ""
+  c.text.bert = dict(vocab_size=PAPER_BERT_VOCAB_SIZE)
+  c.text.max_length = SYNTHETIC_CAPTION_TOKENS
+  c.evals = dict(zero_shot=dict(type="zero_shot", split="test", classes=list(synthetic.ZERO_SHOT_CLASSES),
+                                template="A fundus photograph of [CLS]", domain_knowledge=True, variant="flair",
+                                batch_size=64))
+
+
+def use_synthetic_classification_data(c: ml_collections.ConfigDict, *, builder: str = "synthetic_retina") -> None:
+  """``:paper,synthetic=True`` for the classification configs: the paper's model, resolution, batch and
+  optimiser on generated images (nothing downloaded). The labels are the first ``data.num_classes``
+  generated classes; dataset mixes, per-class resampling and validation splits of the paper's data
+  are dropped (the generated data has a train and a test split)."""
+  from jaxretina.data import synthetic, synthetic_oct
+
+  names = synthetic_oct.CLASS_NAMES if builder == "synthetic_fundus_oct" else synthetic.CLASS_NAMES
+  num_classes = int(c.data.num_classes)
+  if not 0 < num_classes <= len(names):
+    raise ValueError(f"config.data.num_classes={num_classes}: the {builder} data has {len(names)} classes")
+  c.data.name = builder
+  c.data.builder_kwargs = synthetic_builder_kwargs(
+      c.data.get_ref("image_size"), num_expert=None if builder == "synthetic_fundus_oct" else 0)
+  c.data.build_if_missing = True
+  c.data.class_names = list(names[:num_classes])
+  c.data.label_subset = list(range(num_classes)) if num_classes < len(names) else None
+  c.data.mix = dict(sources=[], splits=[], seed=0)
+  c.data.train_class_counts = []
+  dropped = [name for name in c.evals if c.evals[name].get("split", "test") != "test"]
+  for name in dropped:
+    del c.evals[name]
+  kept = next(iter(c.evals), None)
+  for monitor in (c.reduce_on_plateau, c.early_stopping):
+    evaluator, _, metric = monitor.metric.partition("/")
+    if evaluator in dropped and kept is not None:
+      monitor.metric = f"{kept}/{metric}"  # e.g. FCN-CLIP's validation loss -> the test split's
+
+
+def require_paper(arg: ml_collections.ConfigDict, config_file: str) -> None:
+  if not arg.paper:
+    raise ValueError(f"{config_file}: synthetic=True runs the paper's model on generated data; spell it "
+                     f"configs/{config_file}:paper,synthetic=True")

@@ -1,0 +1,234 @@
+"""PyTorch reference steps for ``python -m jaxretina.bench --against_torch``.
+
+Each reference is the upstream system's training step written plainly in PyTorch at the config's
+shapes: the same ResNet / BERT-base towers (parameter counts are printed beside ours), the same
+loss structure and the same optimiser, fed the same batch. It is a yardstick for speed on the same
+machine in the same run, not a parity reference (``jaxretina.parity`` checks numbers against the real
+upstream code). What it leaves out is stated in ``DIFFERENCES``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+DIFFERENCES = {
+    "contrastive": "no augmentation in the torch step (ours runs FLAIR's augmentation inside the jitted step)",
+    "wsdan": "attention crop/drop by nearest-pixel indexing instead of bilinear resampling; no alignment/diversity terms",
+}
+
+
+def _torch():
+  try:
+    import torch
+  except ImportError as e:  # torch is in the test extra
+    raise SystemExit("error: --against_torch needs PyTorch: pip install 'jaxretina[test]'") from e
+  return torch
+
+
+def _resnet(torch, block: str, layers, base_width: int, width_per_group: int = 64, last_stride: int = 2,
+            in_channels: int = 3):
+  """torchvision's ResNet without its classifier (torchvision is not a dependency)."""
+  nn = torch.nn
+
+  class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride, downsample):
+      super().__init__()
+      width = int(planes * (width_per_group / 64.0))
+      self.conv1, self.bn1 = nn.Conv2d(inplanes, width, 1, bias=False), nn.BatchNorm2d(width)
+      self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+      self.conv3, self.bn3 = nn.Conv2d(width, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+      self.relu, self.downsample = nn.ReLU(inplace=True), downsample
+
+    def forward(self, x):
+      out = self.relu(self.bn1(self.conv1(x)))
+      out = self.relu(self.bn2(self.conv2(out)))
+      out = self.bn3(self.conv3(out))
+      return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+  class Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, downsample):
+      super().__init__()
+      self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+      self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes)
+      self.relu, self.downsample = nn.ReLU(inplace=True), downsample
+
+    def forward(self, x):
+      out = self.relu(self.bn1(self.conv1(x)))
+      out = self.bn2(self.conv2(out))
+      return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+  cls = Bottleneck if block == "bottleneck" else Basic
+  modules = [nn.Conv2d(in_channels, base_width, 7, 2, 3, bias=False), nn.BatchNorm2d(base_width), nn.ReLU(inplace=True),
+             nn.MaxPool2d(3, 2, 1)]
+  inplanes = base_width
+  for i, blocks in enumerate(layers):
+    planes = base_width * 2 ** i
+    stride = 1 if i == 0 else (last_stride if i == 3 else 2)
+    for j in range(blocks):
+      down = None
+      if j == 0 and (stride != 1 or inplanes != planes * cls.expansion):
+        down = nn.Sequential(nn.Conv2d(inplanes, planes * cls.expansion, 1, stride, bias=False),
+                             nn.BatchNorm2d(planes * cls.expansion))
+      modules.append(cls(inplanes, planes, stride if j == 0 else 1, down))
+      inplanes = planes * cls.expansion
+  net = nn.Sequential(*modules)
+  net.out_channels = inplanes
+  return net
+
+
+def _images(torch, batch: Mapping[str, np.ndarray], key: str):
+  x = np.asarray(batch[key], np.float32) / 255.0
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _optimizer(torch, config, params):
+  opt = dict(config.optimizer)
+  lr = float(config.schedule.lr)
+  if opt["name"] == "sgd":
+    return torch.optim.SGD(params, lr=lr, momentum=float(opt.get("momentum", 0.9)),
+                           weight_decay=float(opt.get("weight_decay", 0.0)))
+  return torch.optim.AdamW(params, lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
+                           betas=(float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999))), eps=float(opt.get("eps", 1e-8)))
+
+
+def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], float], int]:
+  import transformers
+
+  nn, F = torch.nn, torch.nn.functional
+  m = config.model
+  vision = _resnet(torch, m.vision.block, m.vision.layers, m.vision.get("base_width", 64),
+                   m.vision.get("width_per_group", 64))
+  bert_cfg = transformers.BertConfig(
+      vocab_size=text_config.vocab_size, hidden_size=text_config.hidden_size,
+      num_hidden_layers=text_config.num_hidden_layers, num_attention_heads=text_config.num_attention_heads,
+      intermediate_size=text_config.intermediate_size, max_position_embeddings=text_config.max_position_embeddings,
+      hidden_dropout_prob=text_config.hidden_dropout_prob,
+      attention_probs_dropout_prob=text_config.attention_probs_dropout_prob)
+  text = transformers.BertModel(bert_cfg, add_pooling_layer=False)
+  text.config._attn_implementation = "eager"  # FLAIR/KeepFIT ran the eager attention of their transformers
+  vision_proj = nn.Linear(vision.out_channels, m.proj_dim, bias=m.get("proj_bias", False))
+  text_proj = nn.Linear(text_config.hidden_size, m.proj_dim, bias=m.get("proj_bias", False))
+  kd = bool(config.kd.enabled)
+  attention = nn.MultiheadAttention(m.proj_dim, m.get("attention_heads", 2), dropout=m.get("attention_dropout", 0.5),
+                                    batch_first=False) if kd else None
+  logit_scale = nn.Parameter(torch.tensor(np.log(1 / m.get("logit_scale_init", 0.07)), dtype=torch.float32))
+  modules = nn.ModuleList([vision, text, vision_proj, text_proj] + ([attention] if kd else []))
+  params = list(modules.parameters()) + [logit_scale]
+  opt = _optimizer(torch, config, params)
+  clip = float(config.optimizer.get("grad_clip", 0.0))
+  streams = [("image", "input_ids", "attention_mask")] + ([("kd/image", "kd/input_ids", "kd/attention_mask")] if kd else [])
+  tensors = [(_images(torch, batch, i), torch.from_numpy(np.asarray(batch[t], np.int64)),
+              torch.from_numpy(np.asarray(batch[a], np.int64))) for i, t, a in streams]
+  categories = torch.from_numpy(np.asarray(batch["category_id"], np.int64))
+
+  def embed(images, ids, mask):
+    img = vision_proj(torch.flatten(F.adaptive_avg_pool2d(vision(images), 1), 1))
+    hidden = text(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    pooled = torch.stack([hidden[1], hidden[2], hidden[-1]]).mean(0).mean(1)  # FLAIR's text pooling
+    return F.normalize(img, dim=-1), F.normalize(text_proj(pooled), dim=-1)
+
+  def softce(img, txt, target):
+    logits = txt @ img.t() * logit_scale.exp()
+    target = target / target.sum(-1, keepdim=True)
+    return 0.5 * ((-target * F.log_softmax(logits, -1)).sum(-1).mean()
+                  + (-target.t() * F.log_softmax(logits.t(), -1)).sum(-1).mean())
+
+  def step() -> float:
+    modules.train()
+    opt.zero_grad(set_to_none=True)
+    img, txt = embed(*tensors[0])
+    loss = softce(img, txt, (categories[:, None] == categories[None, :]).float())
+    if kd:
+      kd_img, kd_txt = embed(*tensors[1])
+      loss = loss + softce(kd_img, kd_txt, torch.eye(kd_img.shape[0]))
+      revised, _ = attention(txt[:, None], kd_txt[:, None], kd_txt[:, None])
+      loss = loss + float(config.kd.weight) * F.mse_loss(revised[:, 0], txt)
+    loss.backward()
+    if clip:
+      torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return float(loss.detach())
+
+  return step, sum(p.numel() for p in params)
+
+
+def _wsdan_step(torch, config, batch) -> tuple[Callable[[], float], int]:
+  nn, F = torch.nn, torch.nn.functional
+  m = config.model
+  num_classes, attentions = int(config.data.num_classes), int(m.get("num_attentions", 32))
+  backbone = _resnet(torch, "bottleneck", m.backbone_layers, int(m.get("backbone_base_width", 64)), last_stride=1)
+  channels = backbone.out_channels
+  reduction = channels // 16
+  channel_mlp = nn.Sequential(nn.Conv2d(channels, reduction, 1, bias=False), nn.ReLU(),
+                              nn.Conv2d(reduction, channels, 1, bias=False))
+  attention_conv = nn.Conv2d(channels, attentions, 1)
+  fc = nn.Linear(attentions * channels, num_classes, bias=False)
+  modules = nn.ModuleList([backbone, channel_mlp, attention_conv, fc])
+  params = list(modules.parameters())
+  opt = _optimizer(torch, config, params)
+  crop = int(config.data.get("crop_size") or config.data.image_size)
+  images = _images(torch, batch, "image")[:, :, :crop, :crop].contiguous()
+  labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
+
+  def bap(feats, maps):
+    matrix = torch.einsum("imjk,injk->imn", maps, feats) / (feats.shape[2] * feats.shape[3])
+    matrix = torch.sign(matrix) * torch.sqrt(matrix.abs() + 1e-12)
+    return F.normalize(matrix.reshape(feats.shape[0], -1), dim=-1)
+
+  def forward(x):
+    feats = backbone(x)
+    weights = torch.sigmoid(channel_mlp(F.adaptive_avg_pool2d(feats, 1)) + channel_mlp(F.adaptive_max_pool2d(feats, 1)))
+    enhanced = feats * weights
+    maps = attention_conv(enhanced)
+    fake = torch.rand_like(maps) * 2
+    logits = fc(bap(enhanced, maps) * 100.0)
+    return logits, logits - fc(bap(enhanced, fake) * 100.0), maps
+
+  def augment(x, maps):
+    with torch.no_grad():
+      b, _, h, w = x.shape
+      pick = maps[torch.arange(b), torch.randint(0, maps.shape[1], (b,))]
+      pick = F.interpolate(pick[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+      mask = pick >= pick.flatten(1).max(1)[0][:, None, None] * 0.5
+      rows, cols = mask.any(2), mask.any(1)
+      crops = []
+      for i in range(b):
+        r, c = torch.nonzero(rows[i])[:, 0], torch.nonzero(cols[i])[:, 0]
+        patch = x[i:i + 1, :, int(r.min()):int(r.max()) + 1, int(c.min()):int(c.max()) + 1]
+        crops.append(F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False))
+      return torch.cat([torch.cat(crops), x * (~mask)[:, None].float()])
+
+  def step() -> float:
+    modules.train()
+    opt.zero_grad(set_to_none=True)
+    logits, effect, maps = forward(images)
+    aug_logits, aug_effect, _ = forward(augment(images, maps.detach()))
+    both = torch.cat([labels, labels])
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(effect, labels)
+            + F.cross_entropy(aug_logits, both) + F.cross_entropy(aug_effect, both))
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+  return step, sum(p.numel() for p in params)
+
+
+def reference_step(config, batch: Mapping[str, np.ndarray], task: Any) -> tuple[Callable[[], float], int, str]:
+  """``(step, parameter count, what differs)`` of the PyTorch reference for ``config``."""
+  torch = _torch()
+  torch.manual_seed(int(config.seed))
+  if config.task == "contrastive":
+    step, count = _contrastive_step(torch, config, batch, task.text_config)
+    return step, count, DIFFERENCES["contrastive"]
+  name = config.model.get("name", "")
+  if name == "wsdan":
+    step, count = _wsdan_step(torch, config, batch)
+    return step, count, DIFFERENCES["wsdan"]
+  raise SystemExit(f"error: --against_torch: no PyTorch reference step for model {name!r} "
+                   "(available: contrastive configs, dual_attend_med)")
