@@ -54,7 +54,7 @@ def get_config(arg=None):
   # Run each step as K sequential microbatches (gradients summed; contrastive losses keep every
   # negative through GradCache); BatchNorm then normalises per microbatch.
   c.microbatches = 1
-  c.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators (params stay fp32)
+  c.dtype = "auto"  # activations: bfloat16 on GPU/TPU, float32 on CPU (configlib.compute_dtype); params stay fp32
   c.remat = "none"  # activation rematerialisation of ResNet blocks / BERT layers: 'none' | 'blocks' | 'dots'
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
 

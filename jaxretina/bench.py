@@ -1,14 +1,27 @@
 r"""Benchmarks: a config's train step, or the host input pipeline.
 
-  python -m jaxretina.bench --config configs/keepfit.py [--steps N]
+  python -m jaxretina.bench --config configs/keepfit.py[:paper,synthetic=True] [--steps N]
+      [--against_torch] [--profile_top 20] [--profile_dir DIR] [--json PATH] [--config.x=y ...]
   python -m jaxretina.bench --input [--input_records 512] [--input_image_size 512]
       [--input_dataset NAME --data_dir DIR] [--input_seconds 5] [--input_repeats 3] [--json PATH]
 
 **Train step** (``--config``):
 
-Prints compile seconds, steady-state train throughput (img/s, global and per device) and peak
-memory. The step runs on one batch drawn from the config's own pipeline, repeated (compute only,
-MaxText's "synthetic data" mode), so input speed does not enter the number.
+Prints compile seconds, steady-state train throughput (img/s, global and per device), peak memory,
+the model FLOPs of one step (XLA's cost analysis of the compiled step), the FLOP/s achieved and, on
+GPUs/TPUs whose peak is in ``jaxretina.profiling.PEAK_FLOPS``, the MFU. The step runs on one batch
+drawn from the config's own pipeline, repeated (compute only, MaxText's "synthetic data" mode), so
+input speed does not enter the number. ``:paper,synthetic=True`` on any config gives the paper's
+model, resolution and batch on generated data: nothing is downloaded.
+
+``--against_torch`` builds the equivalent PyTorch step (``jaxretina.bench_torch``: same towers, loss
+structure and optimiser, fed the same batch; contrastive configs and DualAttendMed) and times it
+interleaved with ours, step for step, in the same process; it prints both medians and
+``speed_jaxretina_over_torch`` (> 1: ours is faster).
+
+``--profile_top N`` traces three more steps with ``jax.profiler`` and prints the time per op
+category and the N slowest ops (on CPU, seconds summed over the threads that ran them);
+``--profile_dir`` keeps the trace for TensorBoard's profile plugin.
 
 Shared CPU machines can have slow phases in which a process gets about one of its cores.
 Each step's process CPU time is divided by wall time × the cores
@@ -92,7 +105,7 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
               profile_dir: str | None = None, against_torch: bool = False) -> dict:
   import jax
 
-  from jaxretina import profiling
+  from jaxretina import configlib, profiling
   from jaxretina.train import distributed, loop
 
   mesh = distributed.make_mesh(config.mesh)
@@ -157,14 +170,16 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
       "peak_memory_kind": peak_kind,
       "model_tflop_per_step": round(per_device_flops * jax.device_count() / 1e12, 4) if flops else None,
       "achieved_tflop_s_per_device": round(per_device_flops / median / 1e12, 4) if flops else None,
+      "compute_dtype": configlib.compute_dtype(config).name,
       "loss_finite": bool(jax.device_get(metrics["loss"]) == jax.device_get(metrics["loss"])),
   }
-  peak_flops = profiling.peak_flops_per_device(device, config.get("dtype", "float32"))
+  dtype = configlib.compute_dtype(config).name
+  peak_flops = profiling.peak_flops_per_device(device, dtype)
   if flops and peak_flops:
     result["mfu"] = round(per_device_flops / median / peak_flops, 4)
     result["mfu_peak_tflop_s"] = peak_flops / 1e12
   elif flops:
-    result["mfu"] = f"n/a (no peak FLOP/s on record for {device.device_kind!r}, {config.get('dtype', 'float32')})"
+    result["mfu"] = f"n/a (no peak FLOP/s on record for {device.device_kind!r}, {dtype})"
   if torch_step is not None:
     torch_median, torch_kept = _median_kept(torch_samples, min_cpu_share, on_cpu)
     result.update(result_torch)

@@ -200,7 +200,10 @@ def _wsdan_step(torch, config, batch) -> tuple[Callable[[], float], int]:
       crops = []
       for i in range(b):
         r, c = torch.nonzero(rows[i])[:, 0], torch.nonzero(cols[i])[:, 0]
-        patch = x[i:i + 1, :, int(r.min()):int(r.max()) + 1, int(c.min()):int(c.max()) + 1]
+        if r.numel() and c.numel():  # an all-negative map selects nothing: keep the whole image
+          patch = x[i:i + 1, :, int(r.min()):int(r.max()) + 1, int(c.min()):int(c.max()) + 1]
+        else:
+          patch = x[i:i + 1]
         crops.append(F.interpolate(patch, size=(h, w), mode="bilinear", align_corners=False))
       return torch.cat([torch.cat(crops), x * (~mask)[:, None].float()])
 

@@ -72,24 +72,51 @@ def latest_trace(directory: str) -> str:
   return paths[-1]
 
 
+def _computation_opcodes(hlo_text: str) -> dict[str, set[str]]:
+  """Opcodes used in each computation of an HLO module's text."""
+  opcodes: dict[str, set[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header and "=" not in line.split("{")[0]:
+      current = header.group(1)
+      opcodes[current] = set()
+    elif current and (m := _INSTRUCTION.match(line)):
+      opcodes[current].add(m.group(2))
+  return opcodes
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*?\b([a-z][\w\-]*)\((.*)$")
+
+
 def hlo_categories(hlo_text: str) -> dict[str, str]:
-  """Maps each instruction name of a compiled module to a readable category."""
+  """Maps each instruction name of a compiled module to a readable category: convolutions and
+  matmuls (also inside library fusions such as XLA:CPU's YNNPACK/oneDNN ones), copies/transposes,
+  elementwise/reduction loop fusions, collectives, ..."""
+  bodies = _computation_opcodes(hlo_text)
   categories = {}
-  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*?\b([a-z][\w\-]*)\((.*)$", hlo_text, re.M):
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
     name, opcode, rest = m.groups()
     if opcode == "fusion":
-      kind = re.search(r"kind=k(\w+)", rest)
       calls = re.search(r"calls=%?([\w.\-]+)", rest)
-      label = f"{(kind.group(1) if kind else '').lower()} fusion"
-      if calls and "convolution" in calls.group(1):
-        label = "convolution fusion"
-      elif calls and "dot" in calls.group(1):
-        label = "dot fusion"
-      categories[name] = label
-    elif opcode == "custom-call" or opcode.startswith("ynn") or opcode.startswith("xnn"):
-      categories[name] = "library call (oneDNN/YNNPACK)"
+      body = bodies.get(calls.group(1), set()) if calls else set()
+      if "convolution" in body:
+        categories[name] = "convolution"
+      elif "dot" in body:
+        categories[name] = "dot (matmul)"
+      elif name.startswith(("transpose", "copy")) or body <= {"transpose", "copy", "bitcast", "parameter"}:
+        categories[name] = "copy/transpose"
+      elif "reduce" in body or "reduce-window" in body:
+        categories[name] = "reduction fusion"
+      else:
+        categories[name] = "elementwise fusion"
     elif opcode in ("copy", "transpose"):
       categories[name] = "copy/transpose"
+    elif opcode == "dot":
+      categories[name] = "dot (matmul)"
     else:
       categories[name] = opcode
   return categories

@@ -96,3 +96,12 @@ def test_mfu_peak_table_matches_device_kinds():
   assert profiling.peak_flops_per_device(Device("TPU v5 lite"), "bfloat16") == 197e12
   assert profiling.peak_flops_per_device(Device("cpu"), "float32") is None
   assert profiling.peak_flops_per_device(jax.devices()[0], "float32") is None
+
+
+def test_dual_attend_med_torch_reference_has_our_parameter_count(tmp_path):
+  from test_classification import tiny_config
+
+  config = tiny_config("dual_attend_med", str(tmp_path / "data"), steps=100)
+  result = bench.benchmark(config, steps=1, warmup=1, min_cpu_share=0.0, against_torch=True)
+  assert result["torch_parameters"] == result["jaxretina_parameters"]
+  assert result["speed_jaxretina_over_torch"] > 0 and result["loss_finite"]

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxretina import configlib
 from jaxretina.losses import wsdan as wsdan_losses
 from jaxretina.models import attention_augment, bira, crdnet, fcn_clip, resnet, wsdan
 from jaxretina.models.layers import l2_normalize
@@ -136,7 +137,7 @@ class WSDANClassifier:
         backbone_base_width=int(m.get("backbone_base_width", 64)),
         pick_with_replacement=bool(m.get("pick_with_replacement", False)),
         clamp_negative_attention_mass=bool(m.get("clamp_negative_attention_mass", True)),
-        dtype=jnp.dtype(config.get("dtype", "float32")), remat=_remat(config))
+        dtype=configlib.compute_dtype(config), remat=_remat(config))
     self.center_rule = "dualattendmed" if self.variant == "dualattendmed" else "wsdan"
 
   torch_rename = staticmethod(wsdan.torch_key_rename)  # upstream keys → the converter's naming rule
@@ -264,7 +265,7 @@ class CRDNetClassifier:
                                 num_heads=int(m.get("num_heads", 4)),
                                 cross_dim=int(m.get("cross_dim") or 0) or None,
                                 skip_stem_maxpool=bool(m.get("skip_stem_maxpool", False)),
-                                dtype=jnp.dtype(config.get("dtype", "float32")), remat=_remat(config))
+                                dtype=configlib.compute_dtype(config), remat=_remat(config))
 
   def _images(self, inputs):
     return tuple(inputs[f] for f in self.fields)
@@ -320,7 +321,7 @@ class BiRAClassifier:
     self.fields = (self.field,)
     m = config.model
     self.variant = m.get("variant", "bira_net")
-    dtype = jnp.dtype(config.get("dtype", "float32"))
+    dtype = configlib.compute_dtype(config)
     backbone = _backbone(m.backbone, dtype, _remat(config))
     if self.variant == "bira_net":
       self.module = bira.BiRANet(backbone=backbone, num_classes=num_classes,
@@ -404,7 +405,7 @@ class FCNCLIPClassifier:
     self.fields = (self.field,)
     self.config = config
     m, self.loss_cfg = config.model, config.loss
-    dtype = jnp.dtype(config.get("dtype", "float32"))
+    dtype = configlib.compute_dtype(config)
     self.module = fcn_clip.FCNCLIP(
         vision=_backbone(m.vision, dtype, _remat(config)), proj_dim=int(m.get("proj_dim", 512)),
         num_classes=num_classes,

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxretina import configlib
 from jaxretina.models import bert as bert_lib
 from jaxretina.models import flair
 from jaxretina.models import resnet as resnet_lib
@@ -69,7 +70,7 @@ def build_model(config: ml_collections.ConfigDict, text_config: bert_lib.BertCon
   """The two-tower model of ``config``. ``config.remat`` ('none' | 'blocks' | 'dots') rematerialises
   the ResNet blocks and the BERT layers (``resnet.ResNet.remat``, ``bert.BertConfig.remat``)."""
   m = config.model
-  dtype = jnp.dtype(config.get("dtype", "float32"))
+  dtype = configlib.compute_dtype(config)
   remat = config.get("remat", "none")  # configs saved before config.remat existed: no remat
   vision = resnet_lib.ResNet(block=m.vision.block, layers=tuple(m.vision.layers),
                              width_per_group=m.vision.get("width_per_group", 64),
