@@ -15,6 +15,7 @@ import numpy as np
 
 DIFFERENCES = {
     "contrastive": "no augmentation in the torch step (ours runs FLAIR's augmentation inside the jitted step)",
+    "crd_net": "none in structure (EfficientFormerV2's Attention4D/UFFN and the CMA as CRD-Net codes them)",
     "wsdan": "attention crop/drop by nearest-pixel indexing instead of bilinear resampling; no alignment/diversity terms",
 }
 
@@ -28,7 +29,7 @@ def _torch():
 
 
 def _resnet(torch, block: str, layers, base_width: int, width_per_group: int = 64, last_stride: int = 2,
-            in_channels: int = 3):
+            in_channels: int = 3, use_maxpool: bool = True):
   """torchvision's ResNet without its classifier (torchvision is not a dependency)."""
   nn = torch.nn
 
@@ -64,8 +65,8 @@ def _resnet(torch, block: str, layers, base_width: int, width_per_group: int = 6
       return self.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
   cls = Bottleneck if block == "bottleneck" else Basic
-  modules = [nn.Conv2d(in_channels, base_width, 7, 2, 3, bias=False), nn.BatchNorm2d(base_width), nn.ReLU(inplace=True),
-             nn.MaxPool2d(3, 2, 1)]
+  modules = [nn.Conv2d(in_channels, base_width, 7, 2, 3, bias=in_channels != 3), nn.BatchNorm2d(base_width),
+             nn.ReLU(inplace=True)] + ([nn.MaxPool2d(3, 2, 1)] if use_maxpool else [])
   inplanes = base_width
   for i, blocks in enumerate(layers):
     planes = base_width * 2 ** i
@@ -222,6 +223,93 @@ def _wsdan_step(torch, config, batch) -> tuple[Callable[[], float], int]:
   return step, sum(p.numel() for p in params)
 
 
+def _crdnet_step(torch, config, batch, fields) -> tuple[Callable[[], float], int]:
+  nn, F = torch.nn, torch.nn.functional
+  m = config.model
+  names, channels = list(fields), list(fields.values())
+  towers = [_resnet(torch, m.get("backbone_block", "basic"), m.get("backbone_layers", (2, 2, 2, 2)),
+                    int(m.get("backbone_base_width", 64)), in_channels=ch,
+                    use_maxpool=not m.get("skip_stem_maxpool", False)) for ch in channels]
+  c = towers[0].out_channels
+  dim, heads = int(m.get("cross_dim") or 0) or 2 * c, int(m.get("num_heads", 4))
+  num_classes = int(config.data.num_classes)
+
+  def conv_bn(cin, cout, k=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups), nn.BatchNorm2d(cout))
+
+  class Attention4D(nn.Module):
+    def __init__(self):
+      super().__init__()
+      d = 4 * dim
+      self.q, self.k, self.v = conv_bn(c, heads * dim), conv_bn(c, heads * dim), conv_bn(c, heads * d)
+      self.v_local = conv_bn(heads * d, heads * d, 3, groups=heads * d)
+      self.th1, self.th2 = nn.Conv2d(heads, heads, 1), nn.Conv2d(heads, heads, 1)
+      self.proj = nn.Sequential(nn.ReLU(), conv_bn(heads * d, c))
+
+    def forward(self, x):
+      b, _, h, w = x.shape
+      q = self.q(x).flatten(2).reshape(b, heads, -1, h * w).permute(0, 1, 3, 2)
+      k = self.k(x).flatten(2).reshape(b, heads, -1, h * w)
+      v_local = self.v_local(self.v(x))
+      v = v_local.flatten(2).reshape(b, heads, -1, h * w).permute(0, 1, 3, 2)
+      att = self.th2(self.th1(q @ k * dim ** -0.5).softmax(-1))
+      out = (att @ v).transpose(2, 3).reshape(b, -1, h, w)
+      return self.proj(out)
+
+  def uffn():
+    return nn.Sequential(conv_bn(c, 4 * c), nn.GELU(), conv_bn(4 * c, c))
+
+  class CrossGate(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.att_x, self.att_y, self.mlp_x, self.mlp_y = Attention4D(), Attention4D(), uffn(), uffn()
+      self.x_qkv, self.y_qkv = nn.Conv2d(c, 3 * dim, 1), nn.Conv2d(c, 3 * dim, 1)
+      self.proj_x, self.proj_y = nn.Conv2d(dim, c, 1), nn.Conv2d(dim, c, 1)
+      self.after_x, self.after_y = uffn(), uffn()
+
+    def forward(self, x, y):
+      x = x + self.att_x(x)
+      y = y + self.att_y(y)
+      x, y = x + self.mlp_x(x), y + self.mlp_y(y)
+      b, _, h, w = x.shape
+
+      def qkv(conv, t):
+        return conv(t).flatten(2).reshape(b, 3, heads, dim // heads, -1).permute(1, 0, 2, 4, 3)
+
+      qx, kx, vx = qkv(self.x_qkv, x)
+      qy, ky, vy = qkv(self.y_qkv, y)
+
+      def attend(q, k, v):
+        out = ((q @ k.transpose(-1, -2)) * (dim // heads) ** -0.5).softmax(-1) @ v
+        return out.permute(0, 1, 3, 2).reshape(b, dim, h, w)
+
+      x, y = self.proj_x(attend(qx, ky, vy)) + x, self.proj_y(attend(qy, kx, vx)) + y
+      return self.after_x(x), self.after_y(y)
+
+  gate = CrossGate()
+  fusions = [nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1)) for _ in range(2)]
+  fc, fc_x, fc_y = nn.Linear(2 * c, num_classes), nn.Linear(c, num_classes), nn.Linear(c, num_classes)
+  modules = nn.ModuleList(towers + [gate] + fusions + [fc, fc_x, fc_y])
+  params = list(modules.parameters())
+  opt = _optimizer(torch, config, params)
+  images = [_images(torch, batch, name) for name in names]
+  labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
+
+  def step() -> float:
+    modules.train()
+    opt.zero_grad(set_to_none=True)
+    x, y = gate(towers[0](images[0]), towers[1](images[1]))
+    fx = F.adaptive_avg_pool2d(fusions[0](x), 1).flatten(1)
+    fy = F.adaptive_avg_pool2d(fusions[1](y), 1).flatten(1)
+    loss = (F.cross_entropy(fc(torch.cat([fx, fy], 1)), labels) + F.cross_entropy(fc_x(fx), labels)
+            + F.cross_entropy(fc_y(fy), labels))
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+  return step, sum(p.numel() for p in params)
+
+
 def reference_step(config, batch: Mapping[str, np.ndarray], task: Any) -> tuple[Callable[[], float], int, str]:
   """``(step, parameter count, what differs)`` of the PyTorch reference for ``config``."""
   torch = _torch()
@@ -233,5 +321,8 @@ def reference_step(config, batch: Mapping[str, np.ndarray], task: Any) -> tuple[
   if name == "wsdan":
     step, count = _wsdan_step(torch, config, batch)
     return step, count, DIFFERENCES["wsdan"]
+  if name == "crd_net":
+    step, count = _crdnet_step(torch, config, batch, task.fields)
+    return step, count, DIFFERENCES["crd_net"]
   raise SystemExit(f"error: --against_torch: no PyTorch reference step for model {name!r} "
-                   "(available: contrastive configs, dual_attend_med)")
+                   "(available: the contrastive configs, dual_attend_med, crd_net)")

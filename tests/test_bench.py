@@ -98,10 +98,11 @@ def test_mfu_peak_table_matches_device_kinds():
   assert profiling.peak_flops_per_device(jax.devices()[0], "float32") is None
 
 
-def test_dual_attend_med_torch_reference_has_our_parameter_count(tmp_path):
+@pytest.mark.parametrize("name", ["dual_attend_med", "crd_net"])
+def test_classification_torch_references_have_our_parameter_count(tmp_path, name):
   from test_classification import tiny_config
 
-  config = tiny_config("dual_attend_med", str(tmp_path / "data"), steps=100)
+  config = tiny_config(name, str(tmp_path / "data"), steps=100)
   result = bench.benchmark(config, steps=1, warmup=1, min_cpu_share=0.0, against_torch=True)
   assert result["torch_parameters"] == result["jaxretina_parameters"]
   assert result["speed_jaxretina_over_torch"] > 0 and result["loss_finite"]
