@@ -54,7 +54,7 @@ def get_config(arg=None):
     c.data.class_names = ["no DR", "mild", "moderate", "severe", "proliferative DR"]
     c.data.image_size = 610
     c.data.sampling = dict(class_weights=[1.0, 10.0, 8.0, 20.0, 21.0], samples_per_epoch=32000)
-    c.model.backbone = dict(block="bottleneck", layers=[3, 4, 6, 3], base_width=64)
+    c.model.backbone = dict(block="bottleneck", layers=(3, 4, 6, 3), base_width=64)
     # As upstream train(): the trunk's stem, layer1, layer2 and the constant-1 up_c2 stay frozen (per branch).
     c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=1e-8, grad_clip=0.0,
                        frozen=bira.upstream_frozen_patterns(arg.variant))
@@ -77,7 +77,7 @@ def get_config(arg=None):
     c.data.num_classes = 5
     c.data.class_names = DR_GRADES
     c.data.image_size = 64
-    c.model.backbone = dict(block="basic", layers=[1, 1, 1, 1], base_width=16)
+    c.model.backbone = dict(block="basic", layers=(1, 1, 1, 1), base_width=16)
     c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=1.0, frozen=[])
     c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
     c.batch_size = 32

@@ -55,7 +55,7 @@ def get_config(arg=None):
     # (its one channel repeated, PIL's L -> RGB), so it is normalised per channel like the fundus.
     c.data.fields = "image:3,oct:3"
     c.data.image_size = 448
-    c.model.backbone_layers = [2, 2, 2, 2]
+    c.model.backbone_layers = (2, 2, 2, 2)
     c.model.backbone_base_width = 64
     c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=0.0, grad_clip=0.0, frozen=[])
     c.schedule = dict(name="constant", lr=1e-3)
@@ -67,7 +67,7 @@ def get_config(arg=None):
     c.data.builder_kwargs = dict(config="small")  # 64 px; 1600 train / 400 test
     c.data.build_if_missing = True
     c.data.image_size = 64
-    c.model.backbone_layers = [1, 1, 1, 1]
+    c.model.backbone_layers = (1, 1, 1, 1)
     c.model.backbone_base_width = 16
     # Attention4D's value width is 4·heads·cross_dim (16,384 channels at upstream's 2× the tower
     # channels); 32 keeps the local run in minutes.

@@ -67,7 +67,7 @@ def get_config(arg=None):
     # get_transform(S=224): Resize((⌊S/0.875⌋,)*2) = 256 → RandomCrop(224) (train) / CenterCrop(224) (eval).
     c.data.image_size = int(224 / 0.875)
     c.data.crop_size = 224
-    c.model.backbone_layers = list(wsdan.BACKBONES["resnet152"])
+    c.model.backbone_layers = tuple(wsdan.BACKBONES["resnet152"])
     c.model.backbone_base_width = 64
     c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.126, saturation=0.5)
     c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=1e-5, grad_clip=0.0, frozen=[])
@@ -84,7 +84,7 @@ def get_config(arg=None):
     c.data.num_classes = len(synthetic.CLASS_NAMES)
     c.data.class_names = list(synthetic.CLASS_NAMES)
     c.data.image_size = 64
-    c.model.backbone_layers = [1, 1, 1, 1]
+    c.model.backbone_layers = (1, 1, 1, 1)
     c.model.backbone_base_width = 16
     c.model.num_attentions = 8
     c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.126, saturation=0.5)

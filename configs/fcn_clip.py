@@ -77,7 +77,7 @@ def get_config(arg=None):
                          hflip=0.6, rotation=35.0, resized_crop_scale=[0.65, 1.0], brightness=0.25, contrast=0.25,
                          saturation=0.25, hue=0.12, affine_degrees=18.0, affine_translate=0.12,
                          affine_scale=[0.75, 1.25], erasing=0.4, erasing_scale=[0.02, 0.12]))
-    c.model.vision = dict(block="bottleneck", layers=[3, 4, 6, 3], base_width=64)
+    c.model.vision = dict(block="bottleneck", layers=(3, 4, 6, 3), base_width=64)
     c.model.proj_dim = 512
     c.model.decoder_channels = [512, 128]
     c.schedule = dict(name="constant", lr=2e-4)
@@ -102,7 +102,7 @@ def get_config(arg=None):
     c.data.class_names = list(synthetic.CLASS_NAMES[:5])
     c.data.image_size = 64
     c.data.normalize = "unit"  # FLAIR's towers see [0, 1] images
-    c.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=16)
+    c.model.vision = dict(block="bottleneck", layers=(1, 1, 1, 1), base_width=16)
     c.model.proj_dim = 128
     c.model.decoder_channels = [64, 32]
     c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)

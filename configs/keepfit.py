@@ -104,7 +104,7 @@ def get_config(arg=None):
     c.text.tokenizer = ""  # set to the Bio_ClinicalBERT directory
     c.text.max_length = 256  # KeepFIT's tokenizer.model_max_length
     c.text.bert = dict()
-    c.model.vision = dict(block="bottleneck", layers=[3, 4, 6, 3], width_per_group=64, base_width=64)
+    c.model.vision = dict(block="bottleneck", layers=(3, 4, 6, 3), width_per_group=64, base_width=64)
     c.model.proj_dim = 512
     c.batch_size = 24 * 8
     c.epochs = 40
@@ -125,7 +125,7 @@ def get_config(arg=None):
     c.text.max_length = 32
     c.text.bert = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                        max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    c.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=16)
+    c.model.vision = dict(block="bottleneck", layers=(1, 1, 1, 1), width_per_group=64, base_width=16)
     c.model.proj_dim = 128
     c.batch_size = 32
     c.epochs = 8

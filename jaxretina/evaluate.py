@@ -16,6 +16,7 @@ and prints the summary table. The same protocol runs inside training as the ``tr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -91,9 +92,12 @@ def run_id(config) -> str:
 
 
 def default_out_dir(config) -> str:
-  base = config.checkpoint if os.path.isdir(config.checkpoint) else os.path.join(os.getcwd(), "transfer_results")
-  sub = os.path.join("eval", "transfer") if os.path.isdir(config.checkpoint) else ""
-  return os.path.join(base, sub, config.experiment, run_id(config))
+  from jaxretina import fileio
+
+  in_workdir = fileio.isdir(config.checkpoint)  # a workdir (local or gs://) keeps its evaluations
+  base = config.checkpoint if in_workdir else os.path.join(os.getcwd(), "transfer_results")
+  sub = os.path.join("eval", "transfer") if in_workdir else ""
+  return fileio.join(base, sub, config.experiment, run_id(config))
 
 
 # ------------------------------------------------------------------------------------------ one fold
@@ -262,44 +266,30 @@ def run_protocol(run, config, mesh, out_dir: str, log: Callable[[str], None] = p
 
 
 def _write(out_dir, result, targets, prediction_rows, labels, probs, plots) -> None:
+  from jaxretina import fileio
   from jaxretina.evaluators import metrics as metrics_lib
 
-  os.makedirs(out_dir, exist_ok=True)
+  def csv_text(rows) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
 
-  def replace(name, write):
-    path = os.path.join(out_dir, name)
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-  def write_json(path):
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1, default=float, allow_nan=True)
-
-  def write_metrics_csv(path):
-    keys = [k for k in SUMMARY_KEYS if k in result["summary"]]
-    with open(path, "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["fold"] + keys)
-      for i, m in enumerate(result["folds"]):
-        w.writerow([i] + [m.get(k, "") for k in keys])
-      w.writerow(["mean"] + [result["summary"][k]["mean"] for k in keys])
-      w.writerow(["std"] + [result["summary"][k]["std"] for k in keys])
-
-  def write_predictions(path):
-    with open(path, "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["fold", "id", "label", "predicted"] + [f"prob_{t}" for t in targets])
-      w.writerows(prediction_rows)
-
-  replace("metrics.json", write_json)
-  replace("metrics.csv", write_metrics_csv)
-  replace("predictions.csv", write_predictions)
+  keys = [k for k in SUMMARY_KEYS if k in result["summary"]]
+  metrics_rows = [["fold"] + keys]
+  metrics_rows += [[i] + [m.get(k, "") for k in keys] for i, m in enumerate(result["folds"])]
+  metrics_rows.append(["mean"] + [result["summary"][k]["mean"] for k in keys])
+  metrics_rows.append(["std"] + [result["summary"][k]["std"] for k in keys])
+  prediction_header = ["fold", "id", "label", "predicted"] + [f"prob_{t}" for t in targets]
+  # Each file is written whole and atomically (fileio), on local disk or gs:// alike.
+  fileio.write_text(fileio.join(out_dir, "metrics.json"),
+                    json.dumps(result, indent=1, default=float, allow_nan=True))
+  fileio.write_text(fileio.join(out_dir, "metrics.csv"), csv_text(metrics_rows))
+  fileio.write_text(fileio.join(out_dir, "predictions.csv"), csv_text([prediction_header] + list(prediction_rows)))
   k = len(targets)
   cm = metrics_lib.confusion_matrix(labels, np.argmax(probs, axis=-1), k)
-  plots.save_confusion_matrix_png(cm, targets, os.path.join(out_dir, "confusion_matrix.png"),
+  plots.save_confusion_matrix_png(cm, targets, fileio.join(out_dir, "confusion_matrix.png"),
                                   title="test predictions, all folds")
-  plots.save_roc_png(labels, probs, targets, os.path.join(out_dir, "roc.png"), title="one-vs-rest ROC, all folds")
+  plots.save_roc_png(labels, probs, targets, fileio.join(out_dir, "roc.png"), title="one-vs-rest ROC, all folds")
 
 
 def evaluate(config, log: Callable[[str], None] = print) -> dict[str, Any]:

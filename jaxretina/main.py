@@ -1,24 +1,37 @@
 r"""Entry point: ``python -m jaxretina.main --config configs/<name>.py[:ARG] --workdir DIR [--config.x=y ...]``.
 
 The config names the task (contrastive pretraining or classification), the model, the data and the
-evaluators; the workdir holds checkpoints, ``metrics.jsonl``, TensorBoard events and ``config.json``.
-A workdir that already has a checkpoint is resumed. On a pod, run the same command on every host
-(see ``launch/``); ``jax.distributed`` is initialised from the environment.
+evaluators; the workdir (a local path or ``gs://bucket/path``) holds checkpoints, ``metrics.jsonl``,
+TensorBoard events and ``config.json``. A workdir that already has a checkpoint is resumed; with a
+config that differs in what changes training it is refused unless ``--allow_config_change``. On a
+pod, run the same command on every host (see ``launch/``); ``jax.distributed`` is initialised from
+the environment.
+
+Errors the user can cause or fix — a bad or unwritable workdir, a full disk, damaged or incompatible
+checkpoints, a changed config, a non-finite loss — end the run with one ``error: ...`` line and exit
+status 1. ``--debug`` (or ``JAXRETINA_DEBUG=1``) shows their full traceback instead, and the INFO
+logs of the libraries underneath (Orbax, absl, TensorStore), which are otherwise hidden.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxretina import logs
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/keepfit.py[:ARG].",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs: a local path or "
+                                "a gs://bucket/path URL.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Continue a workdir whose config.json differs from this config in fields that "
+    "change training (the old config.json is kept as config.<step>.json). Without it such a run is refused.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Full tracebacks for every error and the INFO logs of third-party "
+                           "libraries (also JAXRETINA_DEBUG=1).")
 
 def _explain_override_error(argv) -> None:
   """Turns ml_collections' terse error for a typo'd --config.x into one that lists valid fields."""
@@ -47,15 +60,34 @@ def _explain_override_error(argv) -> None:
                                                                  if valid else ""))
 
 
+def debug_mode() -> bool:
+  return _DEBUG.value or os.environ.get("JAXRETINA_DEBUG", "") not in ("", "0")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions whose message tells the user what to do: printed without a traceback."""
+  from jaxretina.train import checkpoint, loop
+
+  return (OSError, checkpoint.CheckpointError, loop.NonFiniteLossError, loop.ConfigChangedError)
+
+
 def main(argv) -> None:
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  logging.getLogger().setLevel(logging.INFO)
+  debug = debug_mode()
+  logs.configure(debug)
   from jaxretina.train import loop
 
   config = _CONFIG.value
-  loop.train_and_evaluate(config, os.path.expanduser(_WORKDIR.value))
+  try:
+    # expanduser leaves URLs (gs://...) as they are.
+    loop.train_and_evaluate(config, os.path.expanduser(_WORKDIR.value),
+                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except _user_errors() as e:
+    if debug:
+      raise
+    sys.exit(f"error: {e}")
 
 
 def run() -> None:

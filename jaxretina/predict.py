@@ -18,7 +18,8 @@ attention weights).
   evaluator's classes.
 * Classifiers (``task='classification'``) give their evaluation logits' softmax over
   ``config.data.class_names``; models with attention maps (DualAttendMed/CAL, BiRA-Net, FCN-CLIP)
-  also give ``heatmaps/<name>.png`` overlays. CRD-Net takes two modalities: ``--images`` for the
+  also give ``heatmaps/<name>.png``: the input image at its resolution (at least 320 and at most
+  1024 px on its longer side) beside the attention over it, with a colour bar. CRD-Net takes two modalities: ``--images`` for the
   first field of ``config.data.fields``, ``--images2`` for the second, paired by file stem (when the
   stems of the two sets coincide) else by sorted order (equal counts).
 
@@ -32,7 +33,8 @@ crops fundus photographs to their field of view (FLAIR's ``crop_foreground``; fi
 Images are files or folders (searched recursively) of .png/.jpg/.jpeg/.tif/.tiff/.bmp (any case).
 A file that cannot be read becomes a row with its reason in ``status``, never an abort; other files
 found in the folders are listed as skipped. Writes ``OUT/predictions.csv`` (file, predicted class,
-one probability column per class, status) and prints a short table.
+one probability column per class, status) and prints a short table. ``--checkpoint`` and ``--out``
+may be ``gs://`` URLs (``jaxretina.fileio``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import os
 import sys
 from typing import Callable, Sequence
@@ -143,16 +146,32 @@ class Predictor:
   """A loaded model behind one interface.
 
   ``fields``: input names in model order, with ``channels``; ``preprocess(uint8 HWC, field) ->
-  (model image (S, S, C) float32 in [0, 1], display uint8 (S, S, C))``; ``predict(batch) ->
-  (probabilities (B, K), attention (B, h, w) or None)`` for ``batch`` = {field: (B, S, S, C)}.
+  model image (S, S, C) float32 in [0, 1]``; ``predict(batch) -> (probabilities (B, K), attention
+  (B, h, w) or None)`` for ``batch`` = {field: (B, S, S, C)}; ``input_box((H, W)) -> (top, left,
+  height, width)``: the region of an H×W image that the model's S×S input shows (where the
+  attention map lies on it; default: the square the image is zero-padded to).
   """
 
   description: str
   class_names: list[str]
   fields: dict[str, int]
   image_size: int
-  preprocess: Callable[[np.ndarray, str], tuple[np.ndarray, np.ndarray]]
+  preprocess: Callable[[np.ndarray, str], np.ndarray]
   predict: Callable[[dict], tuple[np.ndarray, np.ndarray | None]]
+  input_box: Callable[[tuple[int, int]], tuple[float, float, float, float]] | None = None
+
+
+def padded_square_box(image_size: int, crop_size: int | None = None):
+  """``Predictor.input_box`` of the square-canvas preprocessing: the image zero-padded right/bottom to
+  a square, resized to image_size², then (``crop_size``) centre-cropped."""
+
+  def box(shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    side = float(max(shape[0], shape[1]))
+    seen = crop_size / image_size if crop_size else 1.0
+    offset = side * (1.0 - seen) / 2.0
+    return offset, offset, side * seen, side * seen
+
+  return box
 
 
 def _canvas_preprocess(image_size: int):
@@ -160,8 +179,8 @@ def _canvas_preprocess(image_size: int):
 
   def preprocess(image: np.ndarray, field: str):
     del field
-    display = canvas_resize(image, image_size)  # uint8 in, uint8 out: as the dataset builders store images
-    return display.astype(np.float32) / 255.0, display
+    canvas = canvas_resize(image, image_size)  # uint8 in, uint8 out: as the dataset builders store images
+    return canvas.astype(np.float32) / 255.0
 
   return preprocess
 
@@ -171,8 +190,7 @@ def _flair_preprocess(image_size: int):
 
   def preprocess(image: np.ndarray, field: str):
     del field
-    x = flair_preprocess(image, image_size)
-    return x, np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    return flair_preprocess(image, image_size)
 
   return preprocess
 
@@ -193,10 +211,10 @@ def _pad_resize_preprocess(image_size: int, crop_size: int | None = None):
     pil = Image.fromarray(square[..., 0] if c == 1 else square)
     if pil.size != (image_size, image_size):
       pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    display = np.asarray(pil, np.uint8).reshape(image_size, image_size, c)
+    resized = np.asarray(pil, np.uint8).reshape(image_size, image_size, c)
     if crop_size:
-      display = np.ascontiguousarray(center_crop(display[None], (crop_size, crop_size))[0])
-    return display.astype(np.float32) / 255.0, display
+      resized = np.ascontiguousarray(center_crop(resized[None], (crop_size, crop_size))[0])
+    return resized.astype(np.float32) / 255.0
 
   return preprocess
 
@@ -274,7 +292,8 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
     return np.asarray(probs), None if attention is None else np.asarray(attention, np.float32)
 
   return Predictor(description=f"{config.model.name} classifier of {workdir}", class_names=names, fields=fields,
-                   image_size=crop or size, preprocess=_pad_resize_preprocess(size, crop), predict=predict)
+                   image_size=crop or size, preprocess=_pad_resize_preprocess(size, crop), predict=predict,
+                   input_box=padded_square_box(size, crop))
 
 
 def load_upstream_predictor(path: str, *, text_dir: str | None, classes: list[str] | None,
@@ -308,9 +327,9 @@ def _two_tower_predictor(run, classes, template, image_size, preprocess) -> Pred
 
 def load_predictor(checkpoint: str, **kwargs) -> Predictor:
   """``checkpoint``: a jaxretina workdir or an upstream FLAIR/KeepFIT weights file."""
-  from jaxretina import restore
+  from jaxretina import fileio, restore
 
-  if os.path.isdir(checkpoint):
+  if fileio.isdir(checkpoint):  # a workdir, local or gs://
     kwargs.pop("text_dir", None)
     return load_workdir_predictor(checkpoint, **kwargs)
   if os.path.isfile(checkpoint):
@@ -340,20 +359,21 @@ def _error_text(e: BaseException) -> str:
 
 
 def _load_entry(predictor: Predictor, entry: Entry, fov_crop: bool):
-  """Model inputs and display images of one entry, or the reason it cannot be read (a string)."""
+  """Model inputs and the images as read (after ``--fov_crop``) of one entry, or the reason it cannot
+  be read (a string)."""
   from jaxretina.data.preprocess import crop_fov
 
-  inputs, displays = {}, {}
+  inputs, images = {}, {}
   for k, ((field, channels), path) in enumerate(zip(predictor.fields.items(), entry.paths)):
     try:
       image = read_image(path, channels)
       if fov_crop and k == 0:
         image = crop_fov(image)
-      inputs[field], displays[field] = predictor.preprocess(image, field)
+      inputs[field], images[field] = predictor.preprocess(image, field), image
     except Exception as e:  # noqa: BLE001 - any decoder/preprocessing failure skips this file only
       where = f" ({os.path.basename(path)})" if len(entry.paths) > 1 else ""
       return f"unreadable{where}: {_error_text(e)}"
-  return inputs, displays
+  return inputs, images
 
 
 def _heatmap_names(entries: Sequence[Entry]) -> list[str]:
@@ -369,6 +389,7 @@ def _heatmap_names(entries: Sequence[Entry]) -> list[str]:
 def run(predictor: Predictor, entries: Sequence[Entry], out_dir: str, *, batch_size: int = 16,
         fov_crop: bool = False, log: Callable[[str], None] = print) -> list[Result]:
   """Predicts ``entries`` in fixed-size batches (one compilation); writes heatmaps under ``out_dir``."""
+  from jaxretina import fileio
   from jaxretina.evaluators import plots
 
   if batch_size < 1:
@@ -396,14 +417,17 @@ def run(predictor: Predictor, entries: Sequence[Entry], out_dir: str, *, batch_s
         batch[f][row] = inputs[f]
     probs, attention = predictor.predict(batch)
     first = next(iter(predictor.fields))
-    for row, (i, (_, displays)) in enumerate(loaded):
+    input_box = predictor.input_box or padded_square_box(predictor.image_size)
+    for row, (i, (_, images)) in enumerate(loaded):
       results[i].probabilities = probs[row]
       if attention is not None:
-        display = displays[first]
-        rgb = np.repeat(display, 3, axis=-1) if display.shape[-1] == 1 else display
-        path = os.path.join(out_dir, "heatmaps", names[i] + ".png")
+        image = images[first]
+        top = int(np.argmax(probs[row]))
+        title = (f"{os.path.basename(entries[i].paths[0])}: {predictor.class_names[top]} "
+                 f"({float(probs[row][top]):.2f})")
+        path = fileio.join(out_dir, "heatmaps", names[i] + ".png")
         try:
-          plots.save_png(plots.heatmap_overlay(rgb, attention[row]), path)
+          plots.save_heatmap_png(image, attention[row], path, box=input_box(image.shape[:2]), title=title)
           results[i].heatmap = path
         except ValueError as e:  # a non-finite map: keep the prediction, say why there is no overlay
           results[i].entry = dataclasses.replace(entries[i], status=f"ok (no heatmap: {_error_text(e)})")
@@ -412,21 +436,21 @@ def run(predictor: Predictor, entries: Sequence[Entry], out_dir: str, *, batch_s
 
 
 def write_csv(results: Sequence[Result], class_names: Sequence[str], fields: Sequence[str], path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes the predictions CSV atomically (local or gs://); returns the path."""
+  from jaxretina import fileio
+
   file_columns = ["file"] + [f"file_{f}" for f in list(fields)[1:]]
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(file_columns + ["predicted"] + [f"prob_{c}" for c in class_names] + ["status"])
-    for r in results:
-      files = list(r.entry.paths) + [""] * (len(file_columns) - len(r.entry.paths))
-      if r.probabilities is None:
-        writer.writerow(files + [""] + [""] * len(class_names) + [r.entry.status])
-      else:
-        p = r.probabilities
-        writer.writerow(files + [class_names[int(np.argmax(p))]] + [f"{v:.6f}" for v in p] + [r.entry.status])
-  os.replace(tmp, path)
-  return path
+  text = io.StringIO()
+  writer = csv.writer(text)
+  writer.writerow(file_columns + ["predicted"] + [f"prob_{c}" for c in class_names] + ["status"])
+  for r in results:
+    files = list(r.entry.paths) + [""] * (len(file_columns) - len(r.entry.paths))
+    if r.probabilities is None:
+      writer.writerow(files + [""] + [""] * len(class_names) + [r.entry.status])
+    else:
+      p = r.probabilities
+      writer.writerow(files + [class_names[int(np.argmax(p))]] + [f"{v:.6f}" for v in p] + [r.entry.status])
+  return fileio.write_text(path, text.getvalue())
 
 
 def format_table(results: Sequence[Result], class_names: Sequence[str], max_rows: int = 30) -> str:
@@ -473,6 +497,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
   """Runs the CLI; returns the per-file results. Bad arguments raise (``cli`` prints them)."""
+  from jaxretina import fileio
+
   args = parse_args(argv)
   if args.image_size is not None and args.image_size < 16:
     raise ValueError(f"--image_size must be >= 16, got {args.image_size}")
@@ -501,12 +527,12 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
   print(f"{predictor.description}: {len(predictor.class_names)} classes, {predictor.image_size} px, "
         f"{len(entries) - len(skipped) - len(skipped2)} inputs", flush=True)
   results = run(predictor, entries, args.out, batch_size=args.batch_size, fov_crop=args.fov_crop)
-  csv_path = write_csv(results, predictor.class_names, fields, os.path.join(args.out, "predictions.csv"))
+  csv_path = write_csv(results, predictor.class_names, fields, fileio.join(args.out, "predictions.csv"))
   print(format_table(results, predictor.class_names))
   failed = [r for r in results if r.probabilities is None]
   n_heat = sum(r.heatmap is not None for r in results)
   print(f"{len(results) - len(failed)} predicted, {len(failed)} skipped; wrote {csv_path}"
-        + (f" and {n_heat} heatmaps under {os.path.join(args.out, 'heatmaps')}" if n_heat else ""))
+        + (f" and {n_heat} heatmaps under {fileio.join(args.out, 'heatmaps')}" if n_heat else ""))
   for r in failed:
     print(f"  skipped {r.entry.paths[0]}: {r.entry.status}")
   return results

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxretina import fileio
 from jaxretina.train import checkpoint
 from jaxretina.train.checkpoint import IncompatibleCheckpointError
 
@@ -44,13 +45,12 @@ class Run(NamedTuple):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's ``config.json`` as a ConfigDict."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = fileio.join(workdir, "config.json")
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"{workdir}: no config.json — not a jaxretina workdir (a training run writes "
                             "config.json and checkpoints/ there)")
   try:
-    with open(path) as f:
-      fields = json.load(f)
+    fields = json.loads(fileio.read_text(path))
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: unreadable config ({type(e).__name__}: {e})") from None
   if not isinstance(fields, dict) or fields.get("task") not in KINDS:
@@ -66,11 +66,11 @@ CHECKPOINT_DIRS = {False: "checkpoints", True: "checkpoints_best"}
 def checkpoint_steps(workdir: str, best: bool = False) -> list[int]:
   """Finalised checkpoint steps in ``workdir/checkpoints`` (``checkpoints_best`` with ``best``;
   Orbax's temporary directories excluded)."""
-  root = os.path.join(workdir, CHECKPOINT_DIRS[bool(best)])
-  if not os.path.isdir(root):
+  root = fileio.join(workdir, CHECKPOINT_DIRS[bool(best)])
+  if not fileio.isdir(root):
     return []
-  return sorted(int(name) for name in os.listdir(root)
-                if name.isdigit() and os.path.isdir(os.path.join(root, name, "state")))
+  return sorted(int(name) for name in fileio.listdir(root)
+                if name.isdigit() and fileio.isdir(fileio.join(root, name, "state")))
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
@@ -141,7 +141,7 @@ def load_run(workdir: str, step: int | None = None, *, best: bool = False) -> Ru
     ``Run(config, kind, model, variables)`` (see ``Run``).
   """
   workdir = os.fspath(workdir)
-  if not os.path.isdir(workdir):
+  if not fileio.isdir(workdir):
     raise FileNotFoundError(f"{workdir}: no such directory (expected a jaxretina workdir)")
   config = load_config(workdir)
   steps = checkpoint_steps(workdir, best)
@@ -154,7 +154,7 @@ def load_run(workdir: str, step: int | None = None, *, best: bool = False) -> Ru
   elif int(step) not in steps:
     raise FileNotFoundError(f"{workdir}: no checkpoint for step {step}; saved steps: {steps}")
   model, abstract = build_model(config)
-  state_dir = os.path.join(os.path.abspath(workdir), folder, str(int(step)), "state")
+  state_dir = fileio.join(fileio.absolute(workdir), folder, str(int(step)), "state")
   variables = restore_variables(state_dir, abstract)
   return Run(config=config, kind=str(config.task), model=model, variables=variables)
 
@@ -210,7 +210,7 @@ def load_two_tower(checkpoint: str, *, text_dir: str | None = None, step: int | 
   """
   from jaxretina.text import prompts
 
-  if os.path.isdir(checkpoint):
+  if fileio.isdir(checkpoint):  # a workdir, local or gs://
     from jaxretina.train import contrastive
 
     config = load_config(checkpoint)

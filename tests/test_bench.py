@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from jaxretina import bench, profiling
+from jaxretina import profiling, step_bench
 from jaxretina.configlib import PAPER_BERT_VOCAB_SIZE, load_config_module
 from jaxretina.train import loop
 from train_utils import REPO_ROOT, tiny_keepfit_config
@@ -55,7 +55,7 @@ def test_paper_synthetic_text_tower_is_bert_base_with_the_clinical_vocabulary(tm
 
 def test_benchmark_reports_flops_profile_and_a_same_run_torch_ratio(tmp_path):
   config = tiny_keepfit_config(str(tmp_path / "data"), steps=100)
-  result = bench.benchmark(config, steps=2, warmup=1, min_cpu_share=0.0, profile_top=5,
+  result = step_bench.benchmark(config, steps=2, warmup=1, min_cpu_share=0.0, profile_top=5,
                            profile_dir=str(tmp_path / "profile"), against_torch=True)
   assert result["img_per_s"] > 0 and result["compile_s"] > 0
   assert result["model_tflop_per_step"] > 0
@@ -103,6 +103,6 @@ def test_classification_torch_references_have_our_parameter_count(tmp_path, name
   from test_classification import tiny_config
 
   config = tiny_config(name, str(tmp_path / "data"), steps=100)
-  result = bench.benchmark(config, steps=1, warmup=1, min_cpu_share=0.0, against_torch=True)
+  result = step_bench.benchmark(config, steps=1, warmup=1, min_cpu_share=0.0, against_torch=True)
   assert result["torch_parameters"] == result["jaxretina_parameters"]
   assert result["speed_jaxretina_over_torch"] > 0 and result["loss_finite"]

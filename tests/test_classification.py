@@ -164,6 +164,6 @@ def test_class_count_mismatch_with_checkpoint_is_refused(data_dir, tmp_path):
     config.data.label_subset = [0, 1, 2, 3]
     config.data.num_classes = 4
     config.data.class_names = ["a", "b", "c", "d"]
-  with pytest.raises(IncompatibleCheckpointError, match="classifier"):
-    loop.train_and_evaluate(config, workdir)
+  with pytest.raises(IncompatibleCheckpointError, match="classifier"):  # even with the config change allowed
+    loop.train_and_evaluate(config, workdir, allow_config_change=True)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

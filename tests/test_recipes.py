@@ -20,6 +20,7 @@ from jaxretina import predict, restore
 from jaxretina.configlib import load_config_module
 from jaxretina.data import augment as augment_lib
 from jaxretina.data import pipeline
+from jaxretina.evaluators import plots
 from jaxretina.models import fcn_clip
 from jaxretina.train import classification, loop, plateau
 
@@ -93,9 +94,9 @@ def test_training_batches_are_cropped_at_random_and_evaluation_at_the_centre():
 
 def test_predict_preprocessing_centre_crops_like_evaluation():
   image = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-  x, display = predict._pad_resize_preprocess(40, 32)(image, "image")
-  assert x.shape == display.shape == (32, 32, 3)
-  whole, _ = predict._pad_resize_preprocess(40)(image, "image")
+  x = predict._pad_resize_preprocess(40, 32)(image, "image")
+  assert x.shape == (32, 32, 3)
+  whole = predict._pad_resize_preprocess(40)(image, "image")
   np.testing.assert_array_equal(x, whole[4:36, 4:36])
 
 
@@ -107,11 +108,14 @@ def test_cropping_run_trains_evaluates_restores_and_predicts_at_the_crop(data_di
   final = loop.train_and_evaluate(c, workdir)
   assert np.isfinite(final["eval/classification/accuracy"])
   heatmap = os.listdir(os.path.join(workdir, "eval", "classification", "step_1", "heatmaps"))[0]
-  assert Image.open(os.path.join(workdir, "eval", "classification", "step_1", "heatmaps", heatmap)).size == (32, 32)
+  figure = Image.open(os.path.join(workdir, "eval", "classification", "step_1", "heatmaps", heatmap))
+  assert figure.width > 2 * plots.HEATMAP_MIN_SIDE  # the stored image and the map beside it, enlarged
   predictor = predict.load_workdir_predictor(workdir)
   assert predictor.image_size == 32
+  # The 32² input is the centre 80 % of the 40² resize of the image padded to a square.
+  assert predictor.input_box((50, 40)) == pytest.approx((5.0, 5.0, 40.0, 40.0))
   image = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
-  x, _ = predictor.preprocess(image, "image")
+  x = predictor.preprocess(image, "image")
   probs, attention = predictor.predict({"image": x[None]})
   assert probs.shape == (1, 5) and np.isfinite(probs).all()
 

@@ -750,7 +750,34 @@ def _suffix(key: str, value) -> str:
   return f"{short}{value}"
 
 
-class ManualRetinaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of a dataset that is only ever built locally.
+
+  TFDS' builder constructor, for a dataset not prepared yet, asks ``initialize_from_bucket`` for
+  precomputed info in gs://tfds-data: it creates a ``tempfile.mkdtemp('tfds')`` download folder
+  first, finds nothing (GCS access is off in TFDS by default) and never removes it — one empty
+  ``/tmp/tmp*tfds`` folder per build. jaxretina's datasets are not published there, so the lookup is
+  skipped.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    return
+
+
+class LocalInfoBuilder:
+  """Mixin (before ``tfds.core.GeneratorBasedBuilder``) giving a builder ``_LocalDatasetInfo``."""
+
+  def dataset_info_from_configs(self, **kwargs):
+    # tfds.core.DatasetBuilder.dataset_info_from_configs, constructing the local-only DatasetInfo.
+    metadata = self.get_metadata()
+    if metadata.description:
+      kwargs["description"] = metadata.description
+    if metadata.citation:
+      kwargs["citation"] = metadata.citation
+    return _LocalDatasetInfo(builder=self, **kwargs)
+
+
+class ManualRetinaBuilder(LocalInfoBuilder, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the builders of manually downloaded retinal datasets (ArrayRecord, no tensorflow).
 
   Subclasses set ``name``, ``VERSION``, ``MANUAL_DOWNLOAD_INSTRUCTIONS``, ``DATASET_KEY``,

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxretina.data import synthetic_oct
+from jaxretina.datasets import common
 from jaxretina.datasets import synthetic_retina
 
 _SPLIT_SEED_OFFSETS = {"train": 0, "test": 1}
@@ -85,7 +86,7 @@ def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> li
   return out
 
 
-class SyntheticFundusOct(tfds.core.GeneratorBasedBuilder):
+class SyntheticFundusOct(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilder):
   """Deterministic paired synthetic colour fundus + OCT B-scan eyes, MMC-AMD's four classes."""
 
   VERSION = tfds.core.Version("1.0.0")

@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxretina.data import synthetic
+from jaxretina.datasets import common
 
 _SPLIT_SEED_OFFSETS = {"train": 0, "test": 1, "expert": 2}
 _CHUNK = 64  # examples per worker task: large enough to amortise IPC, small enough to stream
@@ -109,7 +110,7 @@ def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> li
   return out
 
 
-class SyntheticRetina(tfds.core.GeneratorBasedBuilder):
+class SyntheticRetina(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilder):
   """Deterministic synthetic colour-fundus photographs with FLAIR-style labels and captions."""
 
   VERSION = tfds.core.Version("1.0.0")

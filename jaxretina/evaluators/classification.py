@@ -5,8 +5,9 @@ Over every example of the split (sharded over the mesh, gathered across hosts) i
 ``metrics.classification_metrics`` of the model's evaluation logits (DualAttendMed: the raw +
 attention-crop average) and writes, under ``<workdir>/eval/<name>/step_<N>/``: ``metrics.json``
 (everything, incl. per-class values, the confusion matrix and which metrics are undefined),
-``confusion_matrix.png``, ``roc.png`` and ``heatmaps/<i>.png`` (attention over the image, for
-models that have attention maps).
+``confusion_matrix.png``, ``roc.png`` and ``heatmaps/<i>.png`` (for models that have attention maps:
+the stored image at its resolution beside the attention over it, with a colour bar; the title gives
+the true and the predicted class). The workdir may be a ``gs://`` URL (``jaxretina.fileio``).
 
 ``cam_iou`` (models with ``cam_features``): IoU between the model's eval attention map and a
 class-activation map (docs/systems.md#dualattendmed-cam-iou-evaluation). Upstream's pseudo ground truth uses a fresh,
@@ -19,7 +20,6 @@ layer-4 GAP features of ``cam_fit_split`` (default: the training split, at most
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxretina import fileio
 from jaxretina.evaluators import register
 from jaxretina.train import distributed
 
@@ -111,7 +112,7 @@ def classification(task, variables, mesh, cfg) -> dict[str, Any]:
   name = cfg.get("name_in_workdir") or "classification"
   workdir = getattr(task, "workdir", None)
   if workdir and jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval", name, f"step_{step}")
+    out_dir = fileio.join(workdir, "eval", name, f"step_{step}")
     _write_outputs(out_dir, task, source, results, labels, probs, out["index"], out.get("attention"),
                    int(cfg.get("heatmaps", 8)))
     results["output_dir"] = out_dir
@@ -142,31 +143,31 @@ def _cam_head(task, variables, mesh, cfg, batch_size) -> jax.Array:
 
 def _write_outputs(out_dir, task, source, results, labels, probs, indices, attention, num_heatmaps) -> None:
   from jaxretina.data import pipeline
-  from jaxretina.data.augment import center_crop
   from jaxretina.evaluators import plots
 
-  os.makedirs(out_dir, exist_ok=True)
-  tmp = os.path.join(out_dir, "metrics.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(_jsonable(results), f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+  fileio.write_text(fileio.join(out_dir, "metrics.json"), json.dumps(_jsonable(results), indent=2))
   cm = np.asarray(results["confusion_matrix"])
-  plots.save_confusion_matrix_png(cm, task.class_names, os.path.join(out_dir, "confusion_matrix.png"))
-  plots.save_roc_png(labels, probs, task.class_names, os.path.join(out_dir, "roc.png"))
+  plots.save_confusion_matrix_png(cm, task.class_names, fileio.join(out_dir, "confusion_matrix.png"))
+  plots.save_roc_png(labels, probs, task.class_names, fileio.join(out_dir, "roc.png"))
   if attention is None or num_heatmaps <= 0:
     return
   field, channels = next(iter(task.fields.items()))
   preds = np.argmax(probs, axis=-1)
+  image_size = int(task.config.data.image_size)
+  crop = getattr(task, "crop_size", None)
   for i in range(min(num_heatmaps, len(labels))):
-    image = pipeline.read_image(source, int(indices[i]), field, channels, task.config.data.image_size)
-    if getattr(task, "crop_size", None):  # what the model saw: the evaluation centre crop
-      image = center_crop(image[None], (task.crop_size, task.crop_size))[0]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    overlay = plots.heatmap_overlay(image, np.asarray(attention[i], np.float32))
+    # The record as stored (its own resolution); the model saw it resized to image_size², then the
+    # evaluation centre crop — the box of the record that the attention map covers.
+    image = pipeline.read_image(source, int(indices[i]), field, channels)
+    height, width = image.shape[:2]
+    seen = crop / image_size if crop else 1.0
+    box = (height * (1 - seen) / 2, width * (1 - seen) / 2, height * seen, width * seen)
     true, pred = task.class_names[int(labels[i])], task.class_names[int(preds[i])]
-    plots.save_png(overlay, os.path.join(out_dir, "heatmaps",
-                                         f"{int(indices[i]):05d}_true-{_slug(true)}_pred-{_slug(pred)}.png"))
+    title = f"record {int(indices[i])}: true {true}, predicted {pred} ({float(probs[i, preds[i]]):.2f})"
+    plots.save_heatmap_png(image, np.asarray(attention[i], np.float32),
+                           fileio.join(out_dir, "heatmaps",
+                                       f"{int(indices[i]):05d}_true-{_slug(true)}_pred-{_slug(pred)}.png"),
+                           box=box, title=title)
 
 
 def _slug(name: str) -> str:

@@ -3,21 +3,25 @@
 * ``save_confusion_matrix_png`` — cells coloured by the row-normalised fraction, with counts and %.
 * ``save_roc_png`` — one-vs-rest ROC curve per class, chance diagonal, legend with AUROCs.
 * ``heatmap_overlay`` — a jet-coloured attention/CAM map blended over an RGB image.
+* ``heatmap_figure`` / ``save_heatmap_png`` — the image and the map over it side by side, at the
+  image's resolution, with a colour bar and a title.
 * ``save_png`` — any uint8/bool/[0, 1]-float array.
 
-Every writer creates the parent directories and writes atomically (a temporary file in the same
-directory, then ``os.replace``), so a reader never sees a half-written PNG.
+Every writer creates the parent directories and writes atomically through ``jaxretina.fileio``
+(a local temporary file renamed over the target, or one object upload for ``gs://`` paths), so a
+reader never sees a half-written PNG; local files get the usual permissions (0666 minus the umask).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxretina import fileio
 from jaxretina.evaluators import metrics as metrics_lib
 
 # Distinct line colours for per-class curves (tab10-like).
@@ -30,19 +34,9 @@ _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 def _save_image_atomic(image: Image.Image, path: str | os.PathLike) -> str:
-  path = os.fspath(path)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=parent, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      image.save(f, format="PNG")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  encoded = io.BytesIO()
+  image.save(encoded, format="PNG")
+  return fileio.write_bytes(path, encoded.getvalue())
 
 
 def save_png(array, path: str | os.PathLike) -> str:
@@ -121,6 +115,122 @@ def heatmap_overlay(image_uint8, heat, alpha: float = 0.5) -> np.ndarray:
   colour = jet_colormap(heat) * 255.0
   blended = (1.0 - alpha) * image.astype(np.float64) + alpha * colour
   return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heat-map figure
+
+# Panels are drawn at the image's own resolution, but never smaller than this on their longer side (a
+# 64 px input is unreadable at 64 px) nor larger (a 4000 px photograph would make a 50 MB PNG).
+HEATMAP_MIN_SIDE = 320
+HEATMAP_MAX_SIDE = 1024
+
+
+def _display_scale(height: int, width: int, min_side: int, max_side: int) -> float:
+  longer = max(height, width)
+  if longer < min_side:
+    return min_side / longer
+  if longer > max_side:
+    return max_side / longer
+  return 1.0
+
+
+def _heat_on_canvas(heat: np.ndarray, box: tuple[float, float, float, float], shape: tuple[int, int]):
+  """``heat`` (h, w) resized onto the (top, left, height, width) ``box`` of a ``shape`` canvas.
+
+  Returns (values, covered): float (H, W) and the bool mask of the canvas pixels the box covers.
+  """
+  top, left, box_h, box_w = box
+  y0, x0 = int(round(top)), int(round(left))
+  y1, x1 = int(round(top + box_h)), int(round(left + box_w))
+  values = np.zeros(shape, np.float64)
+  covered = np.zeros(shape, bool)
+  if y1 <= y0 or x1 <= x0:
+    return values, covered
+  resized = resize_bilinear(heat, (y1 - y0, x1 - x0))
+  cy0, cx0 = max(y0, 0), max(x0, 0)
+  cy1, cx1 = min(y1, shape[0]), min(x1, shape[1])
+  if cy1 > cy0 and cx1 > cx0:
+    values[cy0:cy1, cx0:cx1] = resized[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    covered[cy0:cy1, cx0:cx1] = True
+  return values, covered
+
+
+def heatmap_figure(image_uint8, heat, *, box: tuple[float, float, float, float] | None = None, title: str = "",
+                   alpha: float = 0.5, min_side: int = HEATMAP_MIN_SIDE,
+                   max_side: int = HEATMAP_MAX_SIDE) -> np.ndarray:
+  """The image and the heat map over it side by side, with a colour bar; (H', W', 3) uint8.
+
+  Args:
+    image_uint8: (H, W, 3) or (H, W, 1) uint8, at its own resolution (the input file, the stored record).
+    heat: (h, w) map over the model's input; min–max normalised, so the colour bar reads relative
+      attention from low (blue) to high (red). A flat map is drawn all low, captioned "flat map".
+    box: (top, left, height, width) in image pixels of the region the model's input showed (default:
+      the whole image). It may reach past the image where the input was padded, and be smaller where
+      the input was a crop; image pixels outside it are shown uncoloured (the model did not see them).
+    title: a line above the panels (e.g. the true and the predicted class).
+    alpha: weight of the colour over the image.
+    min_side, max_side: the panels' longer side is the image's, raised to ``min_side`` or lowered to
+      ``max_side``.
+  """
+  image = np.asarray(image_uint8)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+    raise ValueError(f"heatmap_figure: expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+  heat = np.asarray(heat, np.float64)
+  if heat.ndim != 2 or 0 in heat.shape:
+    raise ValueError(f"heatmap_figure: expected a (h, w) heat map, got shape {heat.shape}")
+  if not np.all(np.isfinite(heat)):
+    raise ValueError("heatmap_figure: expected a finite heat map, got NaN/Inf values")
+  height, width = image.shape[:2]
+  box = (0.0, 0.0, float(height), float(width)) if box is None else tuple(float(v) for v in box)
+  scale = _display_scale(height, width, min_side, max_side)
+  shown_h, shown_w = max(int(round(height * scale)), 1), max(int(round(width * scale)), 1)
+  resample = Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS
+  shown = np.asarray(Image.fromarray(image).resize((shown_w, shown_h), resample), np.uint8)
+  # A map flat to float precision carries no location: drawn as all-low and said so, rather than
+  # stretching rounding noise over the colour bar.
+  flat = float(heat.max() - heat.min()) <= 1e-6 * max(float(np.abs(heat).max()), 1e-30)
+  normalised = np.zeros_like(heat) if flat else _min_max(heat)
+  values, covered = _heat_on_canvas(normalised, tuple(v * scale for v in box), (shown_h, shown_w))
+  colour = jet_colormap(values) * 255.0
+  blended = np.where(covered[..., None], (1.0 - alpha) * shown + alpha * colour, shown)
+  overlay = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+  font = _font(max(14, shown_h // 28))
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  line_h = _text_size(probe, "Ag", font)[1]
+  margin, gap, bar_w = 12, 12, max(16, shown_w // 24)
+  tick_w = max(_text_size(probe, t, font)[0] for t in ("high", "low"))
+  title_h = line_h + 12 if title else 0
+  top = margin + title_h + line_h + 8  # title, then the panel captions
+  fig_w = margin + shown_w + gap + shown_w + gap + bar_w + 6 + tick_w + margin
+  if title:
+    fig_w = max(fig_w, _text_size(probe, title, font)[0] + 2 * margin)
+  fig_h = top + shown_h + margin
+  fig = Image.new("RGB", (fig_w, fig_h), (255, 255, 255))
+  draw = ImageDraw.Draw(fig)
+  if title:
+    draw.text((fig_w // 2, margin), title, fill=(0, 0, 0), font=font, anchor="mt")
+  left_x, right_x = margin, margin + shown_w + gap
+  for x, caption in ((left_x, "input"), (right_x, "attention (flat map)" if flat else "attention")):
+    draw.text((x + shown_w // 2, top - 6), caption, fill=(0, 0, 0), font=font, anchor="mb")
+  fig.paste(Image.fromarray(shown), (left_x, top))
+  fig.paste(Image.fromarray(overlay), (right_x, top))
+  bar_x = right_x + shown_w + gap
+  ramp = jet_colormap(np.linspace(1.0, 0.0, shown_h))  # high at the top
+  bar = np.repeat(np.round(ramp * 255.0).astype(np.uint8)[:, None, :], bar_w, axis=1)
+  fig.paste(Image.fromarray(bar), (bar_x, top))
+  draw.rectangle([bar_x - 1, top - 1, bar_x + bar_w, top + shown_h], outline=(0, 0, 0))
+  draw.text((bar_x + bar_w + 6, top), "high", fill=(0, 0, 0), font=font, anchor="lt")
+  draw.text((bar_x + bar_w + 6, top + shown_h), "low", fill=(0, 0, 0), font=font, anchor="lb")
+  return np.asarray(fig, np.uint8)
+
+
+def save_heatmap_png(image_uint8, heat, path: str | os.PathLike, **kwargs) -> str:
+  """``heatmap_figure(image_uint8, heat, **kwargs)`` written to ``path``; returns the path."""
+  return save_png(heatmap_figure(image_uint8, heat, **kwargs), path)
 
 
 # ----------------------------------------------------------------------------------------------

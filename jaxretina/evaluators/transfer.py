@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxretina import fileio
 from jaxretina.evaluators import register
 
 
@@ -73,6 +74,6 @@ def transfer(task, variables, mesh, cfg) -> dict[str, float]:
   step = getattr(task, "eval_step", 0)
   name = cfg.get("name_in_workdir") or f"transfer_{config.experiment}_{config.method}"
   workdir = getattr(task, "workdir", None) or os.getcwd()
-  out_dir = os.path.join(workdir, "eval", name, f"step_{step}")
+  out_dir = fileio.join(workdir, "eval", name, f"step_{step}")  # a gs:// workdir stays a URL
   result = evaluate.run_protocol(run, config, mesh, out_dir, log=lambda _: None)
   return {k: v["mean"] for k, v in result["summary"].items() if k in evaluate.SUMMARY_KEYS}

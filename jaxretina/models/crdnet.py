@@ -26,6 +26,8 @@ state_dicts with the generic converter.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -85,7 +87,7 @@ class Attention4D(nn.Module):
 
     def conv_bn(feats, name, inp, kernel=1, padding=0, groups=1, bias=self.qkv_bias):
       y = Conv2d(feats, kernel, padding=padding, groups=groups, use_bias=bias, dtype=self.dtype,
-                 name=f"{name}_0")(inp)
+                 pointwise_as_matmul=True, name=f"{name}_0")(inp)
       return _bn(train, self.dtype, f"{name}_1")(y)
 
     q = conv_bn(heads * dk, "q", x)
@@ -103,11 +105,12 @@ class Attention4D(nn.Module):
     v = v.reshape(b, n_kv, heads, d)
     # Logits laid out (B, N_q, N_kv, heads) so the talking heads are plain 1×1 convs over "channels".
     att = jnp.einsum("bnhd,bmhd->bnmh", q, k) * dk ** -0.5
-    att = Conv2d(heads, 1, dtype=self.dtype, name="talking_head1")(att)
+    att = Conv2d(heads, 1, pointwise_as_matmul=True, dtype=self.dtype, name="talking_head1")(att)
     att = jax.nn.softmax(att, axis=2)
-    att = Conv2d(heads, 1, dtype=self.dtype, name="talking_head2")(att)
+    att = Conv2d(heads, 1, pointwise_as_matmul=True, dtype=self.dtype, name="talking_head2")(att)
     out = jnp.einsum("bnmh,bmhd->bnhd", att, v).reshape(b, h, w, dh)
-    out = Conv2d(dim, 1, use_bias=self.proj_bias, dtype=self.dtype, name="proj_1")(nn.relu(out))
+    out = Conv2d(dim, 1, pointwise_as_matmul=True, use_bias=self.proj_bias, dtype=self.dtype,
+                 name="proj_1")(nn.relu(out))
     return _bn(train, self.dtype, "proj_2")(out)
 
 
@@ -128,12 +131,12 @@ class UFFN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _check_nhwc(x, "UFFN input")
     hidden = int(x.shape[-1] * self.expansion_rate)
-    y = Conv2d(hidden, 1, dtype=self.dtype, name="fc1_0")(x)
+    y = Conv2d(hidden, 1, pointwise_as_matmul=True, dtype=self.dtype, name="fc1_0")(x)
     y = nn.gelu(_bn(train, self.dtype, "fc1_1")(y), approximate=False)
     if self.use_mid_conv:
       y = Conv2d(hidden, 3, padding=1, groups=hidden, dtype=self.dtype, name="mid_conv_0")(y)
       y = nn.gelu(_bn(train, self.dtype, "mid_conv_1")(y), approximate=False)
-    y = Conv2d(self.out_dim, 1, dtype=self.dtype, name="fc2_0")(y)
+    y = Conv2d(self.out_dim, 1, pointwise_as_matmul=True, dtype=self.dtype, name="fc2_0")(y)
     return _bn(train, self.dtype, "fc2_1")(y)
 
 
@@ -162,7 +165,8 @@ class CrossAtt(nn.Module):
 
     def qkv(inp, name):
       b, h, w, _ = inp.shape
-      t = Conv2d(3 * self.dim, 1, dtype=self.dtype, name=name)(inp).reshape(b, h * w, 3, heads, hd)
+      t = Conv2d(3 * self.dim, 1, pointwise_as_matmul=True, dtype=self.dtype, name=name)(inp)
+      t = t.reshape(b, h * w, 3, heads, hd)
       return t[:, :, 0], t[:, :, 1], t[:, :, 2]  # each (B, N, heads, h_dim)
 
     q_x, k_x, v_x = qkv(x, "x_qkv")
@@ -172,8 +176,9 @@ class CrossAtt(nn.Module):
       att = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k) * hd ** -0.5, axis=-1)
       return jnp.einsum("bhnm,bmhd->bnhd", att, v).reshape(shape[:3] + (self.dim,))
 
-    out_x = Conv2d(x.shape[-1], 1, dtype=self.dtype, name="proj_x")(attend(q_x, k_y, v_y, x.shape)) + x
-    out_y = Conv2d(y.shape[-1], 1, dtype=self.dtype, name="proj_y")(attend(q_y, k_x, v_x, y.shape)) + y
+    proj = functools.partial(Conv2d, kernel_size=1, pointwise_as_matmul=True, dtype=self.dtype)
+    out_x = proj(x.shape[-1], name="proj_x")(attend(q_x, k_y, v_y, x.shape)) + x
+    out_y = proj(y.shape[-1], name="proj_y")(attend(q_y, k_x, v_x, y.shape)) + y
     return out_x, out_y
 
 
@@ -289,7 +294,7 @@ class CRDNet(nn.Module):
     self.sow("intermediates", "gate_y", y)
 
     def fusion(inp, name):
-      z = nn.relu(Conv2d(c, 1, dtype=self.dtype, name=f"{name}_0")(inp))
+      z = nn.relu(Conv2d(c, 1, pointwise_as_matmul=True, dtype=self.dtype, name=f"{name}_0")(inp))
       return Conv2d(c, 3, padding=1, dtype=self.dtype, name=f"{name}_2")(z)
 
     x, y = fusion(x, "cross_fusion_x"), fusion(y, "cross_fusion_y")

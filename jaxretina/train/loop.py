@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -21,8 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxretina import configlib
+from jaxretina import fileio
+from jaxretina import profiling
 from jaxretina.train import checkpoint as ckpt_lib
 from jaxretina.train import distributed
+from jaxretina.train import metrics as metrics_lib
 from jaxretina.train.metrics import MetricWriter, Progress
 
 
@@ -47,6 +50,10 @@ BEST_CHECKPOINT_DIR = "checkpoints_best"
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the run stopped before saving anything from that state."""
+
+
+class ConfigChangedError(ValueError):
+  """The config differs from the one that trained the workdir in fields that change training."""
 
 
 class Task(Protocol):
@@ -118,11 +125,19 @@ def next_batch(streams: Mapping[str, Iterator], mesh) -> dict[str, jax.Array]:
   return batch
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns final metrics.
+
+  ``workdir`` is a local path or a URL (``gs://bucket/run``; see ``jaxretina.fileio``). A workdir
+  that was trained with another config is refused (``ConfigChangedError``, see
+  ``config_differences``) unless ``allow_config_change``.
+  """
   distributed.maybe_initialize_distributed(config)
   mesh = distributed.make_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  # Before anything is built or written: a refused config leaves the workdir as it was.
+  previous_config = check_config_unchanged(config, workdir, allow_config_change)
+  fileio.makedirs(workdir)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
   task = get_task(config, mesh)
@@ -131,24 +146,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.eval_shape(task.init_state, rng)
   shardings = state_shardings(mesh, abstract)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  checkpointer = ckpt_lib.Checkpointer(fileio.join(workdir, "checkpoints"),
                                        max_to_keep=config.get("keep_checkpoints", 3),
                                        async_checkpointing=config.get("async_checkpointing", True))
   streams = task.data_streams(mesh)
   data_group = ckpt_lib.IteratorGroup(**streams)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s step %d", checkpointer.directory, latest)
-    state = checkpointer.restore(latest, with_sharding(abstract, shardings), data_group)
+  try:
+    # The newest step that reads back intact; damaged newer ones are set aside with one line each.
+    restored = checkpointer.restore_latest(with_sharding(abstract, shardings), data_group)
+  except BaseException:
+    checkpointer.close()
+    raise
+  if restored is not None:
+    state, restored_step = restored
+    logging.info("resuming from %s step %d", checkpointer.directory, restored_step)
   else:
     state = jax.jit(task.init_state, out_shardings=shardings)(rng)
     if hasattr(task, "load_pretrained"):
       state = task.load_pretrained(state)
-  _write_config(config, workdir)
-
   start = int(jax.device_get(state.step))
+  _write_config(config, workdir, previous_config, start)
   total = task.total_steps
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, start_step=start)
   stopped = task.stop_reason(state) if hasattr(task, "stop_reason") else None
   if start >= total or stopped:
     checkpointer.close()
@@ -168,14 +187,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt_every = int(config.get("checkpoint_every", 0) or 0)
   best_checkpointer = None
   if getattr(task, "keep_best_checkpoint", False):
-    best_checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, BEST_CHECKPOINT_DIR), max_to_keep=1,
+    best_checkpointer = ckpt_lib.Checkpointer(fileio.join(workdir, BEST_CHECKPOINT_DIR), max_to_keep=1,
                                               async_checkpointing=config.get("async_checkpointing", True))
   progress = Progress(total, start, task.global_batch_size)
   final: dict[str, float] = {}
   stop_reason, stopped_at = None, None
+  profiler = profiling.StepProfiler(config.get("profile_steps", ""), fileio.join(workdir, "profile"))
   t_start = time.perf_counter()
   compile_s = None
   last_metrics = None
+  completed = False
   try:
     for step in range(start + 1, total + 1):
       batch = next_batch(streams, mesh)
@@ -183,7 +204,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if compile_s is None:
         step_fn = step_fn.lower(state, batch).compile()
         distributed.wait_for_all_processes(f"jaxretina_step_compiled_{start}")
+      profiler.before_step(step)
       state, metrics = step_fn(state, batch)
+      profiled = profiler.after_step(step, metrics)
+      if profiled:
+        _print(profiled)
       last_metrics = metrics
       if compile_s is None:
         jax.block_until_ready(metrics)
@@ -194,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       is_epoch_eval = bool(epoch_eval_every) and step % epoch_eval_every == 0
       is_eval = (eval_every and step % eval_every == 0) or is_epoch_eval or step == total
       if is_log or is_ckpt or is_eval:
-        scalars = _finite_or_raise(jax.device_get(metrics), step)
+        scalars = _finite_or_raise(jax.device_get(metrics), step, checkpointer, configlib.compute_dtype(config).name)
         progress.update(step, loss=scalars.get("loss", float("nan")))
         scalars["img_per_s"] = progress.img_per_s
         writer.write(step, scalars)
@@ -214,52 +239,181 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             stop_reason = report.stop_reason
       if is_ckpt or stop_reason:
         checkpointer.save(step, state, data_group, force=step == total or bool(stop_reason))
+      # An asynchronous save reports a failure (disk full) only when asked: ask every step, without
+      # waiting for a save in progress, so a failed one stops the run within a step or two.
+      for c in (checkpointer, best_checkpointer):
+        if c is not None:
+          c.raise_if_save_failed()
       if stop_reason:
         stopped_at = step
         break
+    completed = True
   finally:
+    profiler.close()
     progress.close()
-    checkpointer.close()
-    if best_checkpointer is not None:
-      best_checkpointer.close()
+    save_error = _close_checkpointers(checkpointer, best_checkpointer)
     writer.close()
+    if save_error is not None and not completed:
+      _print(str(save_error))  # the error already on its way out is raised; this one is reported too
+  if save_error is not None:
+    raise save_error  # the last save (written while the loop ended) failed
   if last_metrics is not None:
     end = stopped_at or total
     _print(f"trained steps {start + 1}..{end} in {time.perf_counter() - t_start:.0f}s "
            f"(first step incl. compile {compile_s:.1f}s)")
   if stop_reason:
-    best = f"; best checkpoint in {os.path.join(workdir, BEST_CHECKPOINT_DIR)}" if best_checkpointer else ""
+    best = f"; best checkpoint in {fileio.join(workdir, BEST_CHECKPOINT_DIR)}" if best_checkpointer else ""
     _print(f"stopped at step {stopped_at}/{total}: {stop_reason}{best}")
   return final
 
 
-def _finite_or_raise(metrics: Mapping[str, Any], step: int) -> dict[str, float]:
+def _finite_or_raise(metrics: Mapping[str, Any], step: int, checkpointer: ckpt_lib.Checkpointer,
+                     dtype: str) -> dict[str, float]:
   scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if np.size(v) == 1}
   bad = [k for k, v in scalars.items() if k.startswith("loss") and not np.isfinite(v)]
   if bad or not scalars.get("all_finite", 1.0):
+    # Checkpoints are only written after this check passed, so the latest one holds finite values.
+    last = checkpointer.latest_step()
+    kept = (f"the last checkpoint (step {last} in {checkpointer.directory}) is kept and running the same "
+            "command again resumes from it" if last is not None else "no checkpoint was written yet")
+    advice = ["lower config.schedule.lr", "check the data"]
+    if str(dtype) != "float32":
+      advice.append(f"use config.dtype=float32 (this run computes in {dtype})")
     raise NonFiniteLossError(
         f"non-finite {', '.join(bad) or 'gradients'} at step {step} ({_fmt(scalars)}). The run stopped "
-        "before saving this state; the last good checkpoint is kept. Lower config.schedule.lr, "
-        "check the data, or use config.dtype=float32.")
+        f"before saving this state; {kept}. To avoid it: {', '.join(advice[:-1])} or {advice[-1]}.")
   return scalars
 
 
-def _write_config(config, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+def _close_checkpointers(*checkpointers: ckpt_lib.Checkpointer | None) -> ckpt_lib.CheckpointSaveError | None:
+  """Closes every checkpointer (waiting for its last save); returns the first save failure."""
+  first = None
+  for c in checkpointers:
+    if c is None:
+      continue
+    try:
+      c.close()
+    except ckpt_lib.CheckpointSaveError as e:
+      first = first or e
+  return first
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json: the config that trained the workdir
+
+CONFIG_FILE = "config.json"
+
+# Fields that may change when a run resumes without changing how it trains (dotted paths; a path
+# covers its subtree): logging, evaluation, checkpoint and profiling cadence, the run's length, where
+# the data is read from, the device layout and recomputation (same arithmetic, other memory/placement),
+# and which evaluators run. The length is allowed so that a finished run can be trained further; a
+# schedule whose horizon is the run length (``warmup_cosine`` over ``total_steps``) then follows the
+# new length from the resumed step on. Everything else — model, data, optimizer, schedule, loss,
+# augmentation, seed, batch size, dtype, microbatches, epoch-end evaluation cadence (it drives
+# ReduceLROnPlateau and early stopping) — changes training.
+CHANGEABLE_ON_RESUME = (
+    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile_steps",
+    "total_steps", "epochs", "data.data_dir", "kd.data_dir", "evals", "mesh", "remat", "distributed",
+)
+
+
+def _config_fields(config) -> dict:
+  """The config as config.json holds it (JSON types: tuples are lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _flatten(fields: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in fields.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      flat.update(_flatten(value, path + "."))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _changeable(path: str) -> bool:
+  return any(path == field or path.startswith(field + ".") for field in CHANGEABLE_ON_RESUME)
+
+
+_ABSENT = object()
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+  """(fields that change training, other fields) differing between two config.json dicts, each as
+  ``'path: old → new'`` lines."""
+  a, b = _flatten(old), _flatten(new)
+  training, other = [], []
+  for path in sorted(set(a) | set(b)):
+    before, after = a.get(path, _ABSENT), b.get(path, _ABSENT)
+    if before == after:
+      continue
+    line = f"{path}: {_show(before)} → {_show(after)}"
+    (other if _changeable(path) else training).append(line)
+  return training, other
+
+
+def _show(value) -> str:
+  return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def check_config_unchanged(config, workdir: str, allow_config_change: bool = False) -> dict | None:
+  """Compares ``config`` with the workdir's ``config.json``; returns the latter (None without one).
+
+  Raises ``ConfigChangedError`` listing the differing fields (old → new) when they change training
+  (everything outside ``CHANGEABLE_ON_RESUME``) and ``allow_config_change`` is false. Nothing is
+  written here.
+  """
+  path = fileio.join(workdir, CONFIG_FILE)
+  if not fileio.exists(path):
+    return None
+  try:
+    previous = json.loads(fileio.read_text(path))
+  except ValueError as e:
+    raise ConfigChangedError(f"{path}: unreadable ({e}); it records the config that trained this workdir. "
+                             "Repair or remove it, or use another --workdir.") from None
+  training, other = config_differences(previous, _config_fields(config))
+  if training and not allow_config_change:
+    raise ConfigChangedError(
+        f"the config differs from the one that trained {workdir} ({path}) in {len(training)} field(s) that "
+        "change training:\n  " + "\n  ".join(training) + "\nNothing in the workdir was changed. Run with "
+        "the config in config.json, use another --workdir, or pass --allow_config_change to continue this "
+        "run with the new config (the old config.json is then kept as config.<step>.json).")
+  if training:
+    logging.warning("continuing %s with a changed config (--allow_config_change):\n  %s", workdir,
+                    "\n  ".join(training))
+  if other:
+    logging.info("config fields changed since the last run of %s (these do not change training):\n  %s",
+                 workdir, "\n  ".join(other))
+  return previous
+
+
+def _write_config(config, workdir: str, previous: dict | None, step: int) -> None:
+  """Writes config.json; a differing previous one is kept as ``config.<step>.json`` first (the
+  config that trained the steps up to ``step``), never overwritten."""
+  if jax.process_index() != 0:
+    return
+  fields = _config_fields(config)
+  if previous is not None and previous == fields:
+    return
+  path = fileio.join(workdir, CONFIG_FILE)
+  if previous is not None:
+    history = fileio.join(workdir, f"config.{step}.json")
+    n = 1
+    while fileio.exists(history):  # a second change at the same step
+      history = fileio.join(workdir, f"config.{step}.{n}.json")
+      n += 1
+    fileio.write_text(history, fileio.read_text(path))  # the file as it was, byte for byte
+  fileio.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def _last_eval(workdir: str) -> dict[str, float]:
-  path = os.path.join(workdir, "metrics.jsonl")
   last = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line)
-        evals = {k: v for k, v in row.items() if k.startswith("eval/")}
-        if evals:
-          last = evals
+  for row in metrics_lib.read_metrics(workdir):
+    evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+    if evals:
+      last = evals
   return last
 
 
