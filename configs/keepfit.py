@@ -20,7 +20,7 @@ with identity targets, MSE weight 100:
     --config.data.data_dir=/data/tfds --config.text.tokenizer=/weights/Bio_ClinicalBERT \
     --config.text.pretrained_dir=/weights/Bio_ClinicalBERT \
     --config.init.vision_checkpoint=/weights/resnet50-11ad3fa6.pth \
-    --config.batch_size=$((24 * NUM_DEVICES))
+    --config.per_device_batch_size=24
 
 The datasets are built with ``python -m jaxretina.datasets build flair_dataframe ...`` and
 ``... build mm_retinal ...`` (see README). On a pod the same command runs on every host
@@ -54,6 +54,9 @@ def get_config(arg=None):
   # Run each step as K sequential microbatches (gradients summed; contrastive losses keep every
   # negative through GradCache); BatchNorm then normalises per microbatch.
   c.microbatches = 1
+  # > 0: the global batch is this × the devices of the mesh (config.batch_size is then not used), so
+  # one command keeps the recipe's per-device batch on any number of GPUs/TPU chips.
+  c.per_device_batch_size = 0
   c.dtype = "auto"  # activations: bfloat16 on GPU/TPU, float32 on CPU (configlib.compute_dtype); params stay fp32
   c.remat = "none"  # activation rematerialisation of ResNet blocks / BERT layers: 'none' | 'blocks' | 'dots'
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)

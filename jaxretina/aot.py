@@ -23,6 +23,8 @@ from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+from jaxretina.train import classification, contrastive, distributed
+from jaxretina.train import distributed, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/keepfit.py:paper.",
                                           lock_config=True)
@@ -56,9 +58,7 @@ def task_without_data(config, mesh):
   """The config's task built from its settings alone (sizes stand in for the training split)."""
   import numpy as np
 
-  from jaxretina.train import classification, contrastive
-
-  batch = int(config.batch_size)
+  batch = distributed.global_batch_size(config, mesh)
   if config.task == "contrastive":
     return contrastive.ContrastiveTask(config, mesh, num_train_examples=batch)
   if config.task == "classification":
@@ -70,8 +70,6 @@ def task_without_data(config, mesh):
 def compile_train_step(config, devices) -> dict[str, Any]:
   """Compiles ``config``'s train step over ``devices``; returns the figures ``main`` prints."""
   import jax
-
-  from jaxretina.train import distributed, loop
 
   mesh = distributed.make_mesh(config.mesh, devices)
   task = task_without_data(config, mesh)
@@ -97,7 +95,7 @@ def compile_train_step(config, devices) -> dict[str, Any]:
   per_device["total"] = per_device["arguments"] + per_device["outputs"] + per_device["temp"] - int(
       getattr(memory, "alias_size_in_bytes", 0))
   return {"config": config.get("name", ""), "task": config.task, "devices": mesh.size, "mesh": dict(mesh.shape),
-          "platform": devices[0].platform, "global_batch": int(config.batch_size),
+          "platform": devices[0].platform, "global_batch": task.global_batch_size,
           "memory_per_device_bytes": per_device, "flops_per_step": float((cost or {}).get("flops", float("nan"))),
           "collectives": dict(sorted(collectives.items()))}
 

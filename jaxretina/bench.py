@@ -47,6 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxretina import logs, step_bench
+from jaxretina.data import input_bench
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark (train-step mode).",
                                           lock_config=True)
@@ -96,8 +97,6 @@ def main(argv) -> None:
   del argv
   logs.configure(debug=os.environ.get("JAXRETINA_DEBUG", "") not in ("", "0"))
   if _INPUT.value:
-    from jaxretina.data import input_bench
-
     result = input_bench.run(data_dir=_DATA_DIR.value, dataset=_INPUT_DATASET.value, split=_INPUT_SPLIT.value,
                              num_records=_INPUT_RECORDS.value, image_size=_INPUT_IMAGE_SIZE.value,
                              batch_size=_INPUT_BATCH.value, seconds=_INPUT_SECONDS.value,

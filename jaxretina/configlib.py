@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ml_collections
+from jaxretina.data import synthetic
+from jaxretina.text import prompts
+from jaxretina.data import synthetic, synthetic_oct
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -60,7 +63,7 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   """The fields every classification config has (``task='classification'``), with neutral defaults.
 
   Each config file (``configs/dual_attend_med.py`` ...) fills in its model, data and recipe; the
-  field meanings are documented in ``jaxretina.train.classification`` and ``...classifiers``.
+  field meanings are documented in ``jaxretina.train.classification`` and ``jaxretina.systems``.
   ``remat`` ('none' | 'blocks' | 'dots'): activation rematerialisation of the ResNet blocks.
   """
   c = ml_collections.ConfigDict()
@@ -70,6 +73,9 @@ def classification_config(model_name: str, *, steps: int = 0) -> ml_collections.
   # Run each step as K sequential microbatches (gradients summed; contrastive losses keep every
   # negative through GradCache); BatchNorm then normalises per microbatch.
   c.microbatches = 1
+  # > 0: the global batch is this × the devices of the mesh (config.batch_size is then not used), so
+  # one command keeps the recipe's per-device batch on any number of GPUs/TPU chips.
+  c.per_device_batch_size = 0
   c.dtype = "auto"  # activations: bfloat16 on GPU/TPU, float32 on CPU (configlib.compute_dtype); params stay fp32
   c.remat = "none"  # recompute each ResNet block in the backward pass: 'blocks' | 'dots' (less memory)
   c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
@@ -136,9 +142,6 @@ def use_synthetic_pretraining_data(c: ml_collections.ConfigDict) -> None:
   text tower with Bio_ClinicalBERT's 28,996-entry embedding table, trained from scratch), resolution,
   batch and optimiser, on generated retina images and captions. Nothing is downloaded: the captions are
   tokenised with the embedded vocabulary, whose ids all fall inside the table."""
-  from jaxretina.data import synthetic
-  from jaxretina.text import prompts
-
   c.data.name = "synthetic_retina"
   c.data.builder_kwargs = synthetic_builder_kwargs(c.data.get_ref("image_size"))
   c.data.build_if_missing = True
@@ -160,8 +163,6 @@ def use_synthetic_classification_data(c: ml_collections.ConfigDict, *, builder: 
   optimiser on generated images (nothing downloaded). The labels are the first ``data.num_classes``
   generated classes; dataset mixes, per-class resampling and validation splits of the paper's data
   are dropped (the generated data has a train and a test split)."""
-  from jaxretina.data import synthetic, synthetic_oct
-
   names = synthetic_oct.CLASS_NAMES if builder == "synthetic_fundus_oct" else synthetic.CLASS_NAMES
   num_classes = int(c.data.num_classes)
   if not 0 < num_classes <= len(names):

@@ -22,6 +22,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxretina import logs
+from jaxretina.configlib import load_config_module
+from jaxretina.train import checkpoint, loop
+from jaxretina.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/keepfit.py[:ARG].",
                                           lock_config=True)
@@ -47,8 +50,6 @@ def _explain_override_error(argv) -> None:
     if cfg_path is None:
       return
     file, _, cfg_arg = cfg_path.partition(":")
-    from jaxretina.configlib import load_config_module
-
     cfg = load_config_module(file).get_config(cfg_arg or None)
     node = cfg
     for part in path.split("."):
@@ -66,8 +67,6 @@ def debug_mode() -> bool:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions whose message tells the user what to do: printed without a traceback."""
-  from jaxretina.train import checkpoint, loop
-
   return (OSError, checkpoint.CheckpointError, loop.NonFiniteLossError, loop.ConfigChangedError)
 
 
@@ -77,8 +76,6 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required")
   debug = debug_mode()
   logs.configure(debug)
-  from jaxretina.train import loop
-
   config = _CONFIG.value
   try:
     # expanduser leaves URLs (gs://...) as they are.

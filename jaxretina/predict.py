@@ -48,6 +48,19 @@ import sys
 from typing import Callable, Sequence
 
 import numpy as np
+from jaxretina.data import imaging
+from jaxretina.data.imaging import canvas_resize
+from jaxretina.data.imaging import flair_preprocess
+from jaxretina.data.augment import center_crop
+from jaxretina.models import flair
+from jaxretina.evaluators.zero_shot import class_prototypes
+from jaxretina import inference
+from jaxretina.train import classification
+from jaxretina import fileio, inference
+from jaxretina.data.imaging import crop_fov
+from jaxretina import fileio
+from jaxretina.evaluators import plots
+from jaxretina.train.checkpoint import IncompatibleCheckpointError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 OK = "ok"
@@ -118,24 +131,7 @@ def pair_images(first: list[str], second: list[str], fields: Sequence[str]) -> l
 
 def read_image(path: str, channels: int) -> np.ndarray:
   """uint8 (H, W, channels) of an image file; 16-bit/float images are scaled by their maximum."""
-  from PIL import Image
-
-  with Image.open(path) as opened:
-    opened.load()
-    image = opened
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-      # PIL's convert() would clip these to 0..255; scale the range instead.
-      values = np.asarray(image, np.float64)
-      top = values.max()
-      values = values / top * 255.0 if top > 0 else values
-      image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
-    image = image.convert("RGB" if channels == 3 else "L")
-    array = np.asarray(image, np.uint8)
-  if array.ndim == 2:
-    array = array[..., None]
-  if min(array.shape[:2]) < 1:
-    raise ValueError(f"empty image ({array.shape[0]}x{array.shape[1]})")
-  return array
+  return imaging.read_file(path, channels)
 
 
 # ---------------------------------------------------------------------------------------------- predictors
@@ -175,8 +171,6 @@ def padded_square_box(image_size: int, crop_size: int | None = None):
 
 
 def _canvas_preprocess(image_size: int):
-  from jaxretina.data.preprocess import canvas_resize
-
   def preprocess(image: np.ndarray, field: str):
     del field
     canvas = canvas_resize(image, image_size)  # uint8 in, uint8 out: as the dataset builders store images
@@ -186,8 +180,6 @@ def _canvas_preprocess(image_size: int):
 
 
 def _flair_preprocess(image_size: int):
-  from jaxretina.data.preprocess import flair_preprocess
-
   def preprocess(image: np.ndarray, field: str):
     del field
     return flair_preprocess(image, image_size)
@@ -198,20 +190,9 @@ def _flair_preprocess(image_size: int):
 def _pad_resize_preprocess(image_size: int, crop_size: int | None = None):
   """Zero-pad to a square (right/bottom, as the builders' canvas) then PIL bilinear to image_size,
   then the centre ``crop_size``² when given (a run trained with ``config.data.crop_size``)."""
-  from PIL import Image
-
-  from jaxretina.data.augment import center_crop
-
   def preprocess(image: np.ndarray, field: str):
     del field
-    h, w, c = image.shape
-    side = max(h, w)
-    square = np.zeros((side, side, c), np.uint8)
-    square[:h, :w] = image
-    pil = Image.fromarray(square[..., 0] if c == 1 else square)
-    if pil.size != (image_size, image_size):
-      pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    resized = np.asarray(pil, np.uint8).reshape(image_size, image_size, c)
+    resized = imaging.letterbox(image, image_size)
     if crop_size:
       resized = np.ascontiguousarray(center_crop(resized[None], (crop_size, crop_size))[0])
     return resized.astype(np.float32) / 255.0
@@ -222,8 +203,6 @@ def _pad_resize_preprocess(image_size: int, crop_size: int | None = None):
 def _zero_shot_predict(model, variables, prototypes):
   import jax
   import jax.numpy as jnp
-
-  from jaxretina.models import flair
 
   variables = jax.device_put(variables)
   scale = jnp.exp(flair.clamp_logit_scale(jnp.asarray(variables["params"]["logit_scale"])))
@@ -241,8 +220,6 @@ def _zero_shot_predict(model, variables, prototypes):
 
 
 def _prototypes(model, variables, tokenizer, classes, settings, max_length):
-  from jaxretina.evaluators.zero_shot import class_prototypes
-
   return class_prototypes(model, variables, tokenizer, classes, max_length=max_length, **settings)
 
 
@@ -253,17 +230,13 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
   import jax
   import jax.numpy as jnp
 
-  from jaxretina import restore
-
-  if restore.load_config(workdir).task == "contrastive":
+  if inference.load_config(workdir).task == "contrastive":
     if best:
       raise ValueError(f"--best: {workdir} is a contrastive run; only classifier runs keep a best checkpoint")
-    return _two_tower_predictor(restore.load_two_tower(workdir, step=step), classes, template, image_size,
+    return _two_tower_predictor(inference.load_two_tower(workdir, step=step), classes, template, image_size,
                                 _canvas_preprocess)
 
-  from jaxretina.train import classification
-
-  config, _, model, variables = restore.load_run(workdir, step, best=best)
+  config, _, model, variables = inference.load_run(workdir, step, best=best)
   size = int(image_size or config.data.image_size)
   crop = classification.input_crop_size(config.data)  # evaluation centre crop of a cropping run
   if crop and crop > size:
@@ -299,15 +272,13 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
 def load_upstream_predictor(path: str, *, text_dir: str | None, classes: list[str] | None,
                             template: str | None = None, image_size: int | None = None) -> Predictor:
   """A zero-shot predictor for a released FLAIR / KeepFIT PyTorch checkpoint (ResNet-50 + BERT)."""
-  from jaxretina import restore
-
   if not text_dir:
     raise ValueError(f"--checkpoint {path} is an upstream FLAIR/KeepFIT checkpoint: pass --text_dir, the local "
                      "Bio_ClinicalBERT directory (config.json + vocab) its text tower was built with")
   if not classes:
     raise ValueError(f"--checkpoint {path} is an upstream checkpoint with no class list: name the classes with "
                      "--classes \"class a,class b,...\"")
-  return _two_tower_predictor(restore.load_two_tower(path, text_dir=text_dir), classes, template, image_size,
+  return _two_tower_predictor(inference.load_two_tower(path, text_dir=text_dir), classes, template, image_size,
                               _flair_preprocess)
 
 
@@ -327,15 +298,13 @@ def _two_tower_predictor(run, classes, template, image_size, preprocess) -> Pred
 
 def load_predictor(checkpoint: str, **kwargs) -> Predictor:
   """``checkpoint``: a jaxretina workdir or an upstream FLAIR/KeepFIT weights file."""
-  from jaxretina import fileio, restore
-
   if fileio.isdir(checkpoint):  # a workdir, local or gs://
     kwargs.pop("text_dir", None)
     return load_workdir_predictor(checkpoint, **kwargs)
   if os.path.isfile(checkpoint):
-    if not checkpoint.lower().endswith(restore.UPSTREAM_EXTENSIONS):
+    if not checkpoint.lower().endswith(inference.UPSTREAM_EXTENSIONS):
       raise ValueError(f"--checkpoint {checkpoint}: expected a jaxretina workdir (a directory) or an upstream "
-                       f"FLAIR/KeepFIT checkpoint ({', '.join(restore.UPSTREAM_EXTENSIONS)})")
+                       f"FLAIR/KeepFIT checkpoint ({', '.join(inference.UPSTREAM_EXTENSIONS)})")
     kwargs.pop("step", None)
     if kwargs.pop("best", False):
       raise ValueError(f"--best: {checkpoint} is an upstream weights file, not a workdir with a best checkpoint")
@@ -361,8 +330,6 @@ def _error_text(e: BaseException) -> str:
 def _load_entry(predictor: Predictor, entry: Entry, fov_crop: bool):
   """Model inputs and the images as read (after ``--fov_crop``) of one entry, or the reason it cannot
   be read (a string)."""
-  from jaxretina.data.preprocess import crop_fov
-
   inputs, images = {}, {}
   for k, ((field, channels), path) in enumerate(zip(predictor.fields.items(), entry.paths)):
     try:
@@ -389,9 +356,6 @@ def _heatmap_names(entries: Sequence[Entry]) -> list[str]:
 def run(predictor: Predictor, entries: Sequence[Entry], out_dir: str, *, batch_size: int = 16,
         fov_crop: bool = False, log: Callable[[str], None] = print) -> list[Result]:
   """Predicts ``entries`` in fixed-size batches (one compilation); writes heatmaps under ``out_dir``."""
-  from jaxretina import fileio
-  from jaxretina.evaluators import plots
-
   if batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {batch_size}")
   results = [Result(e) for e in entries]
@@ -437,8 +401,6 @@ def run(predictor: Predictor, entries: Sequence[Entry], out_dir: str, *, batch_s
 
 def write_csv(results: Sequence[Result], class_names: Sequence[str], fields: Sequence[str], path: str) -> str:
   """Writes the predictions CSV atomically (local or gs://); returns the path."""
-  from jaxretina import fileio
-
   file_columns = ["file"] + [f"file_{f}" for f in list(fields)[1:]]
   text = io.StringIO()
   writer = csv.writer(text)
@@ -497,8 +459,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
   """Runs the CLI; returns the per-file results. Bad arguments raise (``cli`` prints them)."""
-  from jaxretina import fileio
-
   args = parse_args(argv)
   if args.image_size is not None and args.image_size < 16:
     raise ValueError(f"--image_size must be >= 16, got {args.image_size}")
@@ -541,8 +501,6 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
 def cli(argv: Sequence[str] | None = None) -> int:
   """``main`` for the command line: a bad argument prints one clear line and exits with status 2; status 1
   when every image was unreadable (the CSV still lists why)."""
-  from jaxretina.train.checkpoint import IncompatibleCheckpointError
-
   try:
     results = main(argv)
   except (FileNotFoundError, ValueError, IncompatibleCheckpointError) as e:

@@ -9,6 +9,9 @@ import os
 import resource
 import statistics
 import time
+from jaxretina import configlib, profiling
+from jaxretina.train import distributed, loop
+from jaxretina import bench_torch
 
 
 def _peak_memory_bytes(devices) -> tuple[int, str]:
@@ -40,9 +43,6 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
               profile_dir: str | None = None, against_torch: bool = False) -> dict:
   import jax
 
-  from jaxretina import configlib, profiling
-  from jaxretina.train import distributed, loop
-
   mesh = distributed.make_mesh(config.mesh)
   task = loop.get_task(config, mesh)
   rng = jax.random.PRNGKey(config.seed)
@@ -70,8 +70,6 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
   torch_step = None
   result_torch = {}
   if against_torch:
-    from jaxretina import bench_torch
-
     torch_step, torch_params, differences = bench_torch.reference_step(config, host_batch, task)
     for _ in range(warmup):
       torch_step()

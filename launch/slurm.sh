@@ -37,4 +37,5 @@ script="#!/usr/bin/env bash
 ${partition:+#SBATCH --partition=$partition}
 set -euo pipefail
 srun python3 -m jaxretina.main $(printf '%q ' "$@")"
-if [[ $dry -eq 1 ]]; then echo "$script"; else echo "$script" | sbatch; fi
+# A here-string, not a pipe: an sbatch that exits before reading all of it cannot SIGPIPE the launcher.
+if [[ $dry -eq 1 ]]; then echo "$script"; else sbatch <<< "$script"; fi

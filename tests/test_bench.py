@@ -44,11 +44,11 @@ def test_synthetic_without_paper_is_an_error_that_says_how_to_spell_it():
 
 
 def test_paper_synthetic_text_tower_is_bert_base_with_the_clinical_vocabulary(tmp_path):
-  from jaxretina.train import contrastive
+  from jaxretina.systems import flair as two_tower
 
   config = _config("flair", "paper,synthetic=True")
-  tokenizer = contrastive.build_tokenizer(config.text)
-  text = contrastive.build_text_config(config.text, tokenizer)
+  tokenizer = two_tower.build_tokenizer(config.text)
+  text = two_tower.build_text_config(config.text, tokenizer)
   assert (text.vocab_size, text.hidden_size, text.num_hidden_layers) == (PAPER_BERT_VOCAB_SIZE, 768, 12)
   assert tokenizer.vocab_size <= text.vocab_size  # every embedded token id has a row
 

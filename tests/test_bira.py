@@ -139,13 +139,13 @@ def test_paper_recipe_freezes_what_upstream_train_freezes(variant):
   ``features[:-2]`` (stem, layer1, layer2) and the constant-1 ``up_c2``, in every branch."""
   from flax import traverse_util
 
-  from jaxretina.train import classifiers
+  from jaxretina.systems import build_classification_system
   from jaxretina.train.classification import frozen_mask
 
   config = _paper_config(variant)
   with config.unlocked():
     config.model.backbone = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
-  module = classifiers.build(config, 5, {"image": 3}).module
+  module = build_classification_system(config, 5, {"image": 3}).module
   params = convert.variables_shape(module, jnp.zeros((1, 64, 64, 3)))["params"]
   trainable = traverse_util.flatten_dict(frozen_mask(params, config.optimizer.frozen), sep="/")
   for branch in ([""] if variant == "ra_net" else ["branch_1/", "branch_2/"]):
@@ -162,7 +162,7 @@ def test_paper_recipe_freezes_what_upstream_train_freezes(variant):
 def test_paper_recipe_loss_is_the_papers_and_ce_reproduces_upstream():
   """Default: the paper's grading loss. ``loss.name='ce'`` is what upstream ``train()`` minimises:
   CE on KeNet's log-probabilities (= CE on the logits)."""
-  from jaxretina.train import classifiers
+  from jaxretina.systems import build_classification_system
 
   config = _paper_config("ra_net")
   assert config.loss.name == "grading" and config.loss.detach_loss is False
@@ -170,7 +170,7 @@ def test_paper_recipe_loss_is_the_papers_and_ce_reproduces_upstream():
     config.model.backbone = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
     config.model.dropout_rate = 0.0
     config.loss.name = "ce"
-  classifier = classifiers.build(config, 5, {"image": 3})
+  classifier = build_classification_system(config, 5, {"image": 3})
   x = _features(4, (2, 64, 64, 3))
   labels = jnp.array([1, 4])
   variables = random_variables(classifier.module, x)

@@ -90,7 +90,7 @@ def test_from_torch_round_trip_and_strictness(tiny_resnet):
   state_dict = {}
   from flax import traverse_util
 
-  from jaxretina.parity import flax_path_to_torch
+  from jaxretina.models.convert import flax_path_to_torch
 
   leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var",
           "num_batches_tracked": "num_batches_tracked", "positional_embedding": "positional_embedding"}

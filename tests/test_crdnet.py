@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxretina.models import crdnet
+from jaxretina.models import convert, crdnet
 from helpers import random_variables
 
 NUM_CLASSES = 3
@@ -148,7 +148,7 @@ def _torchvision_state_dict(tower, image_size: int, seed: int = 0) -> dict:
   state_dict = {}
   for path, value in traverse_util.flatten_dict(jax.tree.map(np.asarray, variables)).items():
     value = value.transpose(3, 2, 0, 1) if path[-1] == "kernel" else value  # HWIO -> OIHW
-    state_dict[f"{parity.flax_path_to_torch(path[1:-1])}.{leaf_names[path[-1]]}"] = value
+    state_dict[f"{convert.flax_path_to_torch(path[1:-1])}.{leaf_names[path[-1]]}"] = value
   channels = state_dict["layer4.1.bn2.weight"].shape[0]
   state_dict["fc.weight"] = np.zeros((1000, channels), np.float32)
   state_dict["fc.bias"] = np.zeros((1000,), np.float32)
@@ -164,7 +164,7 @@ def test_paper_recipe_feeds_oct_as_rgb_to_two_torchvision_initialised_towers(tmp
   from jaxretina.configlib import load_config_module
   from jaxretina.data import pipeline
   from jaxretina.train.classification import IMAGENET_MEAN, IMAGENET_STD, ClassificationTask
-  from jaxretina.train.loop import TrainState
+  from jaxretina.train.state import TrainState
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = load_config_module(os.path.join(repo, "configs", "crd_net.py")).get_config("paper")

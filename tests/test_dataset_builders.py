@@ -12,38 +12,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset_fakes as fakes
+import fake_fundus_downloads as fundus_fakes
+from dataset_build_helpers import CANVAS, KW, build, read_split, text
 import tensorflow_datasets as tfds
 
 import jaxretina.datasets  # noqa: F401  (registers the builders)
-from jaxretina.data import preprocess
 from jaxretina.data.pipeline import labelled_batches, open_source
-from jaxretina.datasets import common
-
-CANVAS = 32
-# Tiny canvas, in-process image work: the builders' logic, not their throughput, is under test.
-KW = {"canvas_size": CANVAS, "num_workers": 1}
-
-
-def build(name, manual_dir, data_dir, **kwargs):
-  builder = tfds.builder(name, data_dir=str(data_dir), **{**KW, **kwargs})
-  builder.download_and_prepare(file_format="array_record",
-                               download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-  return builder
-
-
-def text(value):
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def read_split(name, split, data_dir, **kwargs):
-  source = open_source(name, split, str(data_dir), {**KW, **kwargs})
-  return {text(r["id"]): r for r in (source[i] for i in range(len(source)))}
+from jaxretina.data import imaging
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import image_encoding
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import process_pool
 
 
 def test_builders_registered_and_options_named():
   names = tfds.list_builders(with_community_datasets=False)
-  for name in fakes.WRITERS:
+  for name in fundus_fakes.WRITERS:
     assert name in names
   builder = tfds.builder("ddr", data_dir="/nonexistent", canvas_size="256", crop_fov="true", encoding="jpeg")
   assert builder.builder_config.name == "default_c256_fov_jpeg"
@@ -55,9 +40,9 @@ def test_builders_registered_and_options_named():
     tfds.builder("aptos2019", data_dir="/nonexistent", on_bad_input="ignore")
 
 
-@pytest.mark.parametrize("name", sorted(fakes.WRITERS))
+@pytest.mark.parametrize("name", sorted(fundus_fakes.WRITERS))
 def test_builder_reads_official_layout(name, tmp_path):
-  expected = fakes.WRITERS[name](tmp_path / "manual dir")
+  expected = fundus_fakes.WRITERS[name](tmp_path / "manual dir")
   builder = build(name, tmp_path / "manual dir", tmp_path / "data")
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {s: len(v) for s, v in expected.items()}
   report = json.loads(builder.skip_report_path.read_text())
@@ -87,7 +72,7 @@ def test_builder_reads_official_layout(name, tmp_path):
 
 
 def test_odir_kaggle_layout_and_flair_fields(tmp_path):
-  expected = fakes.write_odir5k_kaggle(tmp_path / "m")
+  expected = fundus_fakes.write_odir5k_kaggle(tmp_path / "m")
   builder = build("odir5k", tmp_path / "m", tmp_path / "d")
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 6}
   report = json.loads(builder.skip_report_path.read_text())
@@ -101,7 +86,7 @@ def test_odir_kaggle_layout_and_flair_fields(tmp_path):
 
 
 def test_eyepacs_without_solution_file_writes_train_and_sample_only(tmp_path):
-  fakes.write_eyepacs(tmp_path / "m")
+  fundus_fakes.write_eyepacs(tmp_path / "m")
   (tmp_path / "m" / "retinopathy_solution.csv").unlink()
   builder = build("eyepacs", tmp_path / "m", tmp_path / "d")
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 6, "sample": 2}
@@ -110,13 +95,13 @@ def test_eyepacs_without_solution_file_writes_train_and_sample_only(tmp_path):
 
 
 def test_ddr_and_messidor_ungradable_filter(tmp_path):
-  fakes.write_ddr(tmp_path / "ddr")
+  fundus_fakes.write_ddr(tmp_path / "ddr")
   builder = build("ddr", tmp_path / "ddr", tmp_path / "d", config="gradable")
   assert builder.info.features["label"].num_classes == 5
   assert builder.info.splits["train"].num_examples == 3 and "validation" in builder.info.splits
   full = tfds.builder("ddr", data_dir=str(tmp_path / "d"), **KW)
   assert full.info.features["label"].names[5] == "ungradable"
-  fakes.write_messidor2(tmp_path / "mes")
+  fundus_fakes.write_messidor2(tmp_path / "mes")
   builder = build("messidor2", tmp_path / "mes", tmp_path / "d", drop_ungradable="true")
   assert builder.builder_config.name == "gradable_c32"
   records = read_split("messidor2", "test", tmp_path / "d", config="gradable")
@@ -124,24 +109,24 @@ def test_ddr_and_messidor_ungradable_filter(tmp_path):
 
 
 def test_build_options_crop_encoding_and_resize_matches_reference(tmp_path):
-  fakes.write_aptos2019(tmp_path / "m")
+  fundus_fakes.write_aptos2019(tmp_path / "m")
   build("aptos2019", tmp_path / "m", tmp_path / "d", canvas_size=0, encoding="jpeg", crop_fov=True)
   records = read_split("aptos2019", "train", tmp_path / "d", canvas_size=0, encoding="jpeg", crop_fov=True)
   raw = records["000c1434d8d7"]["image"]
   assert raw[:2] == b"\xff\xd8"  # JPEG
   image = np.asarray(Image.open(io.BytesIO(raw)))
   assert image.shape[0] < 30 and image.shape[1] < 40  # cropped to the disc, original scale kept
-  # The fast build-time resize is FLAIR's canvas resize (numpy reference in jaxretina.data.preprocess).
+  # The fast build-time resize is FLAIR's canvas resize (numpy reference in jaxretina.data.imaging).
   rng = np.random.default_rng(0)
   photo = rng.integers(0, 256, (57, 83, 3)).astype(np.uint8)
-  np.testing.assert_array_equal(common.canvas_resize_fast(photo, 32), preprocess.canvas_resize(photo, 32))
+  np.testing.assert_array_equal(imaging.canvas_resize_fast(photo, 32), imaging.canvas_resize(photo, 32))
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: each case under 'error' (clear message, nothing prepared) and 'skip' (counted, listed)
 # ---------------------------------------------------------------------------------------------
 def _corrupt(paths):
-  fakes.truncate(paths["train_images"] / "0024cdab0c1e.png")
+  fundus_fakes.truncate(paths["train_images"] / "0024cdab0c1e.png")
 
 
 def _missing(paths):
@@ -149,7 +134,7 @@ def _missing(paths):
 
 
 def _unlabelled(paths):
-  fakes.write_image(paths["train_images"] / "ffffffffffff.png", 7)
+  fundus_fakes.write_image(paths["train_images"] / "ffffffffffff.png", 7)
 
 
 def _duplicate(paths):
@@ -163,7 +148,7 @@ def _unknown_label(paths):
 
 
 def _ambiguous(paths):
-  fakes.write_image(paths["train_images"] / "002c21358ce6.jpg", 3)  # same stem as the .png
+  fundus_fakes.write_image(paths["train_images"] / "002c21358ce6.jpg", 3)  # same stem as the .png
 
 
 BAD_CASES = {
@@ -179,9 +164,9 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_error_and_skip(case, tmp_path):
   mutate, message, train_left = BAD_CASES[case]
-  fakes.write_aptos2019(tmp_path / "m")
-  mutate(fakes.aptos_paths(tmp_path / "m"))
-  with pytest.raises(common.DatasetInputError, match=message):
+  fundus_fakes.write_aptos2019(tmp_path / "m")
+  mutate(fundus_fakes.aptos_paths(tmp_path / "m"))
+  with pytest.raises(bad_input.DatasetInputError, match=message):
     build("aptos2019", tmp_path / "m", tmp_path / "d")
   # Never a half-written dataset presented as complete.
   assert not tfds.builder("aptos2019", data_dir=str(tmp_path / "d"), **KW).is_prepared()
@@ -200,9 +185,9 @@ def test_bad_input_error_and_skip(case, tmp_path):
 
 def test_failure_mid_build_leaves_nothing_prepared(tmp_path):
   """A corrupt image in the *second* split: the first split was already written, yet nothing is visible."""
-  fakes.write_aptos2019(tmp_path / "m")
-  fakes.truncate(tmp_path / "m" / "aptos2019-blindness-detection" / "test_images" / "003f0afdcd15.png")
-  with pytest.raises(common.DatasetInputError, match="003f0afdcd15"):
+  fundus_fakes.write_aptos2019(tmp_path / "m")
+  fundus_fakes.truncate(tmp_path / "m" / "aptos2019-blindness-detection" / "test_images" / "003f0afdcd15.png")
+  with pytest.raises(bad_input.DatasetInputError, match="003f0afdcd15"):
     build("aptos2019", tmp_path / "m", tmp_path / "d")
   assert not tfds.builder("aptos2019", data_dir=str(tmp_path / "d"), **KW).is_prepared()
   with pytest.raises(FileNotFoundError):
@@ -210,9 +195,9 @@ def test_failure_mid_build_leaves_nothing_prepared(tmp_path):
   leftovers = [p for p in (tmp_path / "d").rglob("*") if "incomplete" in p.name]
   assert not leftovers
   # ensure_built does not take the remains for a dataset: it builds again (and fails again).
-  with pytest.raises(common.DatasetInputError, match="003f0afdcd15"):
+  with pytest.raises(bad_input.DatasetInputError, match="003f0afdcd15"):
     jaxretina.datasets.ensure_built("aptos2019", str(tmp_path / "d"), manual_dir=str(tmp_path / "m"), **KW)
-  fakes.write_image(tmp_path / "m" / "aptos2019-blindness-detection" / "test_images" / "003f0afdcd15.png", 1)
+  fundus_fakes.write_image(tmp_path / "m" / "aptos2019-blindness-detection" / "test_images" / "003f0afdcd15.png", 1)
   builder = jaxretina.datasets.ensure_built("aptos2019", str(tmp_path / "d"), manual_dir=str(tmp_path / "m"), **KW)
   assert builder.is_prepared() and builder.info.splits["test"].num_examples == 2
 
@@ -220,51 +205,52 @@ def test_failure_mid_build_leaves_nothing_prepared(tmp_path):
 def test_layout_errors_name_what_was_found(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
-  with pytest.raises(common.DatasetInputError, match="is empty"):
+  with pytest.raises(bad_input.DatasetInputError, match="is empty"):
     build("ddr", empty, tmp_path / "d")
-  with pytest.raises(common.DatasetInputError, match="does not exist"):
+  with pytest.raises(bad_input.DatasetInputError, match="does not exist"):
     build("ddr", tmp_path / "nowhere", tmp_path / "d")
   # Wrong dataset in manual_dir: the message lists what is there.
-  fakes.write_ddr(tmp_path / "ddr")
-  with pytest.raises(common.DatasetInputError, match=r"(?s)expected a folder.*train\.csv.*DR_grading"):
+  fundus_fakes.write_ddr(tmp_path / "ddr")
+  with pytest.raises(bad_input.DatasetInputError, match=r"(?s)expected a folder.*train\.csv.*DR_grading"):
     build("aptos2019", tmp_path / "ddr", tmp_path / "d")
   # Multi-part archive parts not yet joined.
   parts = tmp_path / "parts"
   parts.mkdir()
   for k in (1, 2, 3):
     (parts / f"DDR-dataset.zip.00{k}").write_bytes(b"PK")
-  with pytest.raises(common.DatasetInputError, match=r"multi-part archive.*DDR-dataset\.zip\.001.*cat"):
+  with pytest.raises(bad_input.DatasetInputError, match=r"multi-part archive.*DDR-dataset\.zip\.001.*cat"):
     build("ddr", parts, tmp_path / "d")
   # A community mirror layout is named as such.
   mirror = tmp_path / "mirror"
   (mirror / "train_images" / "train_images").mkdir(parents=True)
   (mirror / "train_1.csv").write_text("id_code,diagnosis\n")
-  with pytest.raises(common.DatasetInputError, match="community Kaggle mirror"):
+  with pytest.raises(bad_input.DatasetInputError, match="community Kaggle mirror"):
     build("aptos2019", mirror, tmp_path / "d")
   # Derived layouts (docs/datasets.md#derived-layouts) are named as such.
   for split, grade in (("train", "0"), ("train", "1"), ("val", "0"), ("val", "1")):
-    fakes.write_image(tmp_path / "retfound" / "APTOS2019" / split / grade / f"{split}{grade}.png", 0)
-  with pytest.raises(common.DatasetInputError, match="image-folder tree"):
+    fundus_fakes.write_image(tmp_path / "retfound" / "APTOS2019" / split / grade / f"{split}{grade}.png", 0)
+  with pytest.raises(bad_input.DatasetInputError, match="image-folder tree"):
     build("aptos2019", tmp_path / "retfound", tmp_path / "d")
   for grade in ("nodr", "mild_npdr", "pdr"):
-    fakes.write_image(tmp_path / "gdr" / "DDR" / grade / "a.png", 0)
-  with pytest.raises(common.DatasetInputError, match="GDRBench"):
+    fundus_fakes.write_image(tmp_path / "gdr" / "DDR" / grade / "a.png", 0)
+  with pytest.raises(bad_input.DatasetInputError, match="GDRBench"):
     build("ddr", tmp_path / "gdr", tmp_path / "d")
   # Two copies of the dataset: ambiguous root.
-  fakes.write_ddr(tmp_path / "two" / "a")
-  fakes.write_ddr(tmp_path / "two" / "b")
-  with pytest.raises(common.DatasetInputError, match="several dataset roots"):
+  fundus_fakes.write_ddr(tmp_path / "two" / "a")
+  fundus_fakes.write_ddr(tmp_path / "two" / "b")
+  with pytest.raises(bad_input.DatasetInputError, match="several dataset roots"):
     build("ddr", tmp_path / "two", tmp_path / "d")
 
 
 def test_shared_helpers(tmp_path):
   names = ["10_image.jpg", "2_image.jpg", "1_image.jpg", "100_image.jpg"]
-  assert sorted(names, key=common.numeric_sort_key) == ["1_image.jpg", "2_image.jpg", "10_image.jpg", "100_image.jpg"]
-  assert common.is_junk(".DS_Store") and common.is_junk("Thumbs.db") and common.is_junk("._x.jpg")
+  assert sorted(names, key=file_discovery.numeric_sort_key) == [
+      "1_image.jpg", "2_image.jpg", "10_image.jpg", "100_image.jpg"]
+  assert all(file_discovery.is_junk(name) for name in (".DS_Store", "Thumbs.db", "._x.jpg"))
   folder = tmp_path / "IMAGES"
   for name in ("IM000013.JPG", "a.png", "a.jpg", "2 (3) - Copy.JPG"):
-    fakes.write_image(folder / name, 0, "JPEG")
-  index = common.ImageIndex(folder)
+    fundus_fakes.write_image(folder / name, 0, "JPEG")
+  index = file_discovery.ImageIndex(folder)
   assert index.lookup("IM000013.jpg")[0].name == "IM000013.JPG"
   assert index.lookup("im000013")[0].name == "IM000013.JPG"
   assert index.lookup("a.png")[0].name == "a.png"  # exact name wins over the stem collision
@@ -273,18 +259,18 @@ def test_shared_helpers(tmp_path):
   assert index.lookup("2 (3) - Copy.jpg")[0] is not None
   csv_path = tmp_path / "t.csv"
   csv_path.write_text("\ufeffImage name,Risk of macular edema ,,\nIDRiD_001,2,,\n,,,\n")
-  table = common.read_csv(csv_path, dataset="t")
+  table = label_tables.read_csv(csv_path, dataset="t")
   assert table.header == ["Image name", "Risk of macular edema"]
   assert table.rows == [(2, {"Image name": "IDRiD_001", "Risk of macular edema": "2"})]
 
 
 def test_parallel_processing_keeps_order_and_reports_corrupt_images(tmp_path):
-  paths = [fakes.write_image(tmp_path / f"{k}.png", k) for k in range(7)]
-  fakes.truncate(paths[3])
-  options = common.ImageOptions(canvas_size=CANVAS)
+  paths = [fundus_fakes.write_image(tmp_path / f"{k}.png", k) for k in range(7)]
+  fundus_fakes.truncate(paths[3])
+  options = image_encoding.ImageOptions(canvas_size=CANVAS)
   args = [(str(p), options) for p in paths]
-  serial = list(common.parallel_map(common.process_image, args, 1))
-  parallel = list(common.parallel_map(common.process_image, args, 2, chunk_size=2, min_parallel=0))
+  serial = list(process_pool.parallel_map(image_encoding.process_image, args, 1))
+  parallel = list(process_pool.parallel_map(image_encoding.process_image, args, 2, chunk_size=2, min_parallel=0))
   assert parallel == serial
   assert [ok for ok, _ in serial] == [True, True, True, False, True, True, True]
   assert "corrupt or unreadable" in serial[3][1]
@@ -295,11 +281,11 @@ def test_cli_list(capsys):
 
   assert cli.main(["list"]) == 0
   listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
-  assert set(fakes.WRITERS) | {"synthetic_retina"} <= listed
+  assert set(fundus_fakes.WRITERS) | {"synthetic_retina"} <= listed
 
 
 def test_cli_build_and_error_exit(tmp_path):
-  fakes.write_idrid(tmp_path / "manual")
+  fundus_fakes.write_idrid(tmp_path / "manual")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
   run = subprocess.run([sys.executable, "-m", "jaxretina.datasets", "build", "idrid", "--manual_dir",
                         str(tmp_path / "manual"), "--data_dir", str(tmp_path / "data"), "--canvas_size", "32",

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxretina import evaluate, restore
+from jaxretina import evaluate, inference
 from jaxretina.configlib import load_config_module
 from jaxretina.data import synthetic
 from jaxretina.train import loop
+from jaxretina.transfer import runner
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import require_parity_dir  # noqa: E402
@@ -188,15 +189,15 @@ def test_adapters_and_probe_learn_from_few_shots(trained_run, code_name_assignme
 
   workdir, _ = trained_run
   root, csvs, targets = code_name_assignments
-  two_tower = restore.load_two_tower(workdir)  # once: 35 protocol runs follow
+  two_tower = inference.load_two_tower(workdir)  # once: 35 protocol runs follow
   results = {}
   for method in ("zero_shot", "lp", "clip_adapter", "tip_adapter", "tip_adapter_f"):
     acas = []
     for j, csv_path in enumerate(csvs):
       config = code_name_config(workdir, tmp_path, root, csv_path, targets,
                                 f"experiment=codes,method={method},shots_train={FEW_SHOT_SHOTS},shots_test=50%,folds=1")
-      result = evaluate.run_protocol(two_tower, config, distributed.make_mesh(config.mesh),
-                                     str(tmp_path / method / str(j)), log=lambda _: None)
+      result = runner.run_protocol(two_tower, config, distributed.make_mesh(config.mesh),
+                                   str(tmp_path / method / str(j)), log=lambda _: None)
       acas.append(result["summary"]["aca"]["mean"])
     results[method] = float(np.mean(acas))
   # Same folds (seeded by their index) and, per assignment, the same test rows for every method.
@@ -287,7 +288,7 @@ def test_dataframe_experiment_reads_flair_csvs_and_reports_bad_rows(trained_run,
   assert "13_FIVES.csv (24 rows" in log
   assert os.path.isdir(os.path.join(workdir, "eval", "transfer", "13_FIVES"))
   # Preprocessing: FOV crop, then FLAIR's canvas resize of the longest side.
-  rows = evaluate.load_rows(config, 32)
+  rows = runner.load_rows(config, 32)
   image = rows.load(0)
   assert image.shape == (32, 32, 3) and image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
 
@@ -332,7 +333,7 @@ def test_upstream_checkpoint_zero_shot_matches_the_flair_fixture(tmp_path):
   (text_dir / "vocab.txt").write_text("\n".join(specials + [f"tok{i}" for i in range(
       meta["bert_config"]["vocab_size"] - len(specials))]) + "\n")
 
-  run_ = restore.load_two_tower(path, text_dir=str(text_dir), constructor=meta["constructor"])
+  run_ = inference.load_two_tower(path, text_dir=str(text_dir), constructor=meta["constructor"])
   images = np.transpose(inputs["pixel_values"], (0, 2, 3, 1)).astype(np.float32)
   rows = features.Rows(ids=[str(i) for i in range(len(images))], categories=[["x"]] * len(images),
                        load=lambda i: images[i], image_size=images.shape[1], fingerprint="fixture",
@@ -365,7 +366,7 @@ def test_bad_configs_fail_clearly(trained_run, data_dir, tmp_path):
     config = json.loads((classifier_dir / "config.json").read_text())
     config["task"] = "classification"
     (classifier_dir / "config.json").write_text(json.dumps(config))
-    restore.load_two_tower(str(classifier_dir))
+    inference.load_two_tower(str(classifier_dir))
   # The command line: an unknown experiment without targets exits with status 2 and one clear line.
   proc = subprocess.run([sys.executable, "-m", "jaxretina.evaluate", "--config",
                          os.path.join(REPO_ROOT, "configs", "transfer.py") + ":experiment=99_NOPE",
@@ -373,3 +374,36 @@ def test_bad_configs_fail_clearly(trained_run, data_dir, tmp_path):
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "evaluate: error: config.experiment='99_NOPE'" in proc.stderr
+
+
+def test_protocol_defaults_ship_with_the_package(tmp_path):
+  """A non-editable install holds the package alone: the evaluate command and the ``transfer``
+  evaluator find the protocol's defaults without the repository's configs/ (run here on a copy of the
+  package, from a directory outside the repository)."""
+  site = tmp_path / "site"
+  shutil.copytree(os.path.join(REPO_ROOT, "jaxretina"), site / "jaxretina",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  work = tmp_path / "work"
+  os.makedirs(work)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(site))
+
+  def python(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=str(work), env=env)
+
+  # The evaluator's config: the package's defaults for the entry's method, the entry's fields applied.
+  proc = python("-c", "import jaxretina; from jaxretina.evaluators import transfer; "
+                "c = transfer.protocol_config(dict(type='transfer', method='lp', folds=2)); "
+                "print(jaxretina.__file__, c.method, c.folds, c.shots_train, c.project_features)")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  package_file, *fields = proc.stdout.split()
+  assert package_file == str(site / "jaxretina" / "__init__.py")
+  assert fields == ["lp", "2", "80%", "False"]
+  missing = str(work / "no_such_run")
+  # No --config: the defaults (zero-shot on the synthetic split); the run then fails on the checkpoint.
+  proc = python("-m", "jaxretina.evaluate", "--checkpoint", missing)
+  assert proc.returncode == 2 and f"evaluate: error: checkpoint {missing}: no such file" in proc.stderr, proc.stderr
+  # --config=:ARG: the defaults for ARG, and --config.x overrides on top.
+  proc = python("-m", "jaxretina.evaluate", "--config=:method=svm", "--checkpoint", missing)
+  assert proc.returncode == 2 and "evaluate: error: config.method='svm'" in proc.stderr, proc.stderr[-2000:]
+  proc = python("-m", "jaxretina.evaluate", "--config", ":method=lp", "--config.folds=0", "--checkpoint", missing)
+  assert proc.returncode == 2 and "evaluate: error: config.folds=0" in proc.stderr, proc.stderr[-2000:]

@@ -261,7 +261,7 @@ def test_text_prototypes_are_unnormalised_means():
 def _to_torch_keys(variables):
   from flax import traverse_util
 
-  from jaxretina.parity import flax_path_to_torch
+  from jaxretina.models.convert import flax_path_to_torch
 
   leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias", "mean": "running_mean",
           "var": "running_var", "num_batches_tracked": "num_batches_tracked"}

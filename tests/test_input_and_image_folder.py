@@ -8,23 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset_fakes as fakes
-import dataset_fakes2 as fakes2
-import dataset_fakes3 as fakes3
+import fake_fundus_downloads as fundus_fakes
+import fake_multimodal_downloads as multimodal_fakes
+import fake_image_folder_trees as folder_fakes
+from dataset_build_helpers import CANVAS, KW, records_by_id, text
 import tensorflow_datasets as tfds
 
 import jaxretina.datasets  # noqa: F401  (registers the builders)
 from jaxretina.data import input_bench
 from jaxretina.data.pipeline import classification_batches, open_source
-from jaxretina.datasets import common
+from jaxretina.data import imaging
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
 from jaxretina.transfer import splits as transfer_splits
-
-CANVAS = 32
-KW = {"canvas_size": CANVAS, "num_workers": 1}
-
-
-def text(value):
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def build_folder(manual_dir, data_dir, **kwargs):
@@ -37,16 +33,16 @@ def read(builder, split):
   source = open_source("image_folder", split, builder.data_dir_root,
                        {**KW, "manual_dir": builder.builder_config.root,
                         "classes": json.loads(builder.builder_config.classes)})
-  return source, {text(r["id"]): r for r in (source[i] for i in range(len(source)))}
+  return source, records_by_id(source)
 
 
 def test_retfound_splits_labels_ids_and_images(tmp_path):
-  expected = fakes3.write_retfound(tmp_path / "m")
+  expected = folder_fakes.write_retfound(tmp_path / "m")
   builder = build_folder(tmp_path / "m", tmp_path / "d")
   # The doubled APTOS2019/APTOS2019/ wrapper is descended; the config is named after the tree.
-  assert builder.builder_config.root == str(fakes3.retfound_root(tmp_path / "m").resolve())
+  assert builder.builder_config.root == str(folder_fakes.retfound_root(tmp_path / "m").resolve())
   assert builder.builder_config.name.startswith("APTOS2019_")
-  assert builder.info.features["label"].names == fakes3.RETFOUND_CLASSES
+  assert builder.info.features["label"].names == folder_fakes.RETFOUND_CLASSES
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == {k: len(v) for k, v in expected.items()}
   for split, want in expected.items():
     _, records = read(builder, split)
@@ -57,8 +53,8 @@ def test_retfound_splits_labels_ids_and_images(tmp_path):
       assert text(record["file_name"]) == features["file_name"]
       assert text(record["dataset"]) == "APTOS2019"
       stored = np.asarray(Image.open(io.BytesIO(record["image"])))
-      with Image.open(fakes3.retfound_root(tmp_path / "m") / features["file_name"]) as original:
-        want_image = common.canvas_resize_fast(np.asarray(original.convert("RGB")), CANVAS)
+      with Image.open(folder_fakes.retfound_root(tmp_path / "m") / features["file_name"]) as original:
+        want_image = imaging.canvas_resize_fast(np.asarray(original.convert("RGB")), CANVAS)
       np.testing.assert_array_equal(stored, want_image)
   report = json.loads(builder.skip_report_path.read_text())
   assert report["num_skipped"] == 0
@@ -71,39 +67,39 @@ def test_retfound_splits_labels_ids_and_images(tmp_path):
 
 
 def test_gdrbench_single_split_explicit_classes_and_other_trees(tmp_path):
-  expected = fakes3.write_gdrbench(tmp_path / "m")
+  expected = folder_fakes.write_gdrbench(tmp_path / "m")
   builder = build_folder(tmp_path / "m", tmp_path / "d")
-  assert builder.info.features["label"].names == sorted(fakes3.GDRBENCH_CLASSES)  # torchvision's order
+  assert builder.info.features["label"].names == sorted(folder_fakes.GDRBENCH_CLASSES)  # torchvision's order
   _, records = read(builder, "train")
   assert {k: int(r["label"]) for k, r in records.items()} == {k: v["label"] for k, v in expected["train"].items()}
   # Explicit classes fix the label order (and are another dataset); split= names the one split.
   ordered = tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "m"),
-                         classes=",".join(fakes3.GDRBENCH_CLASSES), split="test", **KW)
+                         classes=",".join(folder_fakes.GDRBENCH_CLASSES), split="test", **KW)
   assert ordered.builder_config.name != builder.builder_config.name and not ordered.is_prepared()
   ordered.download_and_prepare(file_format="array_record")
-  assert ordered.info.features["label"].names == fakes3.GDRBENCH_CLASSES
+  assert ordered.info.features["label"].names == folder_fakes.GDRBENCH_CLASSES
   assert list(ordered.info.splits) == ["test"]
   source = open_source("image_folder", "test", str(tmp_path / "d"), {**KW, "manual_dir": str(tmp_path / "m"),
-                                                                      "classes": fakes3.GDRBENCH_CLASSES,
+                                                                      "classes": folder_fakes.GDRBENCH_CLASSES,
                                                                       "split": "test"})
   labels = {text(source[i]["id"]): int(source[i]["label"]) for i in range(len(source))}
-  assert labels == {k: fakes3.GDRBENCH_CLASSES.index(k.split("/")[0]) for k in expected["train"]}
+  assert labels == {k: folder_fakes.GDRBENCH_CLASSES.index(k.split("/")[0]) for k in expected["train"]}
   # A second tree with the same folder name is a different dataset: the root path is in the name.
-  fakes3.write_gdrbench(tmp_path / "other")
+  folder_fakes.write_gdrbench(tmp_path / "other")
   other = tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "other"), **KW)
   assert other.builder_config.name.startswith("DEEPDR_") and other.builder_config.name != builder.builder_config.name
   assert not other.is_prepared()
 
 
 def test_stray_class_folder_and_corrupt_image_error_or_skip(tmp_path):
-  fakes3.write_retfound(tmp_path / "m")
-  root = fakes3.retfound_root(tmp_path / "m")
-  fakes.write_image(root / "test" / "fstray" / "s.png", 7)
-  fakes.truncate(root / "train" / "bmild" / "b1.PNG")
-  classes = ",".join(fakes3.RETFOUND_CLASSES)
-  with pytest.raises(common.DatasetInputError, match=r"class folder 'fstray'.*not one of the classes"):
+  folder_fakes.write_retfound(tmp_path / "m")
+  root = folder_fakes.retfound_root(tmp_path / "m")
+  fundus_fakes.write_image(root / "test" / "fstray" / "s.png", 7)
+  fundus_fakes.truncate(root / "train" / "bmild" / "b1.PNG")
+  classes = ",".join(folder_fakes.RETFOUND_CLASSES)
+  with pytest.raises(bad_input.DatasetInputError, match=r"class folder 'fstray'.*not one of the classes"):
     build_folder(tmp_path / "m", tmp_path / "d", classes=classes)
-  with pytest.raises(common.DatasetInputError, match=r"b1\.PNG.*corrupt"):
+  with pytest.raises(bad_input.DatasetInputError, match=r"b1\.PNG.*corrupt"):
     build_folder(tmp_path / "m", tmp_path / "d", classes=classes + ",fstray")
   assert not tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "m"),
                           classes=classes, **KW).is_prepared()
@@ -114,40 +110,40 @@ def test_stray_class_folder_and_corrupt_image_error_or_skip(tmp_path):
   assert builder.info.splits["train"].num_examples == 5 and builder.info.splits["test"].num_examples == 6
   # Without explicit classes the stray folder is simply a sixth class.
   assert tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "m"),
-                      **KW).info.features["label"].names == fakes3.RETFOUND_CLASSES + ["fstray"]
+                      **KW).info.features["label"].names == folder_fakes.RETFOUND_CLASSES + ["fstray"]
 
 
 def test_bad_trees_and_options(tmp_path):
-  with pytest.raises(common.DatasetInputError, match="does not exist"):
+  with pytest.raises(bad_input.DatasetInputError, match="does not exist"):
     tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "nope"))
   (tmp_path / "flat").mkdir()
-  fakes.write_image(tmp_path / "flat" / "a.png", 0)
-  with pytest.raises(common.DatasetInputError, match="no class or split folders"):
+  fundus_fakes.write_image(tmp_path / "flat" / "a.png", 0)
+  with pytest.raises(bad_input.DatasetInputError, match="no class or split folders"):
     tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "flat"))
-  fakes.write_image(tmp_path / "mixed" / "train" / "x" / "a.png", 0)
-  fakes.write_image(tmp_path / "mixed" / "extra" / "a.png", 0)
-  with pytest.raises(common.DatasetInputError, match=r"split folders \['train'\] and other folders \['extra'\]"):
+  fundus_fakes.write_image(tmp_path / "mixed" / "train" / "x" / "a.png", 0)
+  fundus_fakes.write_image(tmp_path / "mixed" / "extra" / "a.png", 0)
+  with pytest.raises(bad_input.DatasetInputError, match=r"split folders \['train'\] and other folders \['extra'\]"):
     tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "mixed"))
   with pytest.raises(ValueError, match="repeat"):
     tfds.builder("image_folder", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path / "mixed" / "train"),
                  classes="x,x")
   unbound = tfds.builder("image_folder", data_dir=str(tmp_path / "d"))
-  with pytest.raises(common.DatasetInputError, match="without manual_dir"):
+  with pytest.raises(bad_input.DatasetInputError, match="without manual_dir"):
     unbound.download_and_prepare(file_format="array_record",
                                  download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "mixed")))
 
 
 def test_derived_layout_hints_name_the_image_folder_builder(tmp_path):
-  fakes3.write_retfound(tmp_path / "retfound")
-  with pytest.raises(common.DatasetInputError, match=r"image-folder tree.*build image_folder --manual_dir"):
-    common.find_root(tmp_path / "retfound", [["train.csv"]], dataset="aptos2019")
-  fakes3.write_gdrbench(tmp_path / "gdr")
-  with pytest.raises(common.DatasetInputError, match=r"GDRBench.*build image_folder --manual_dir"):
-    common.find_root(tmp_path / "gdr", [["DDR_grading.csv"]], dataset="ddr")
+  folder_fakes.write_retfound(tmp_path / "retfound")
+  with pytest.raises(bad_input.DatasetInputError, match=r"image-folder tree.*build image_folder --manual_dir"):
+    file_discovery.find_root(tmp_path / "retfound", [["train.csv"]], dataset="aptos2019")
+  folder_fakes.write_gdrbench(tmp_path / "gdr")
+  with pytest.raises(bad_input.DatasetInputError, match=r"GDRBench.*build image_folder --manual_dir"):
+    file_discovery.find_root(tmp_path / "gdr", [["DDR_grading.csv"]], dataset="ddr")
 
 
 def test_flair_dataframe_balance_oversamples_train_only(tmp_path):
-  refuge = fakes2.write_refuge_experiment(tmp_path / "m")
+  refuge = multimodal_fakes.write_refuge_experiment(tmp_path / "m")
   kwargs = {**KW, "csv": refuge["csv"], "experiment": "25_REFUGE", "fold": 1}
   plain = tfds.builder("flair_dataframe", data_dir=str(tmp_path / "d"), **kwargs)
   balanced = tfds.builder("flair_dataframe", data_dir=str(tmp_path / "d"), balance="true", **kwargs)
@@ -191,7 +187,7 @@ def test_cli_builds_an_image_folder_tree(tmp_path):
   import subprocess
   import sys
 
-  expected = fakes3.write_gdrbench(tmp_path / "m")
+  expected = folder_fakes.write_gdrbench(tmp_path / "m")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
   run = subprocess.run([sys.executable, "-m", "jaxretina.datasets", "build", "image_folder", "--manual_dir",
                         str(tmp_path / "m"), "--data_dir", str(tmp_path / "d"), "--canvas_size", str(CANVAS),

@@ -35,3 +35,24 @@ def test_default_and_list_forms():
 def test_malformed_mesh_names_the_field(bad):
   with pytest.raises(ValueError, match="config.mesh"):
     distributed.parse_mesh(bad)
+
+
+def test_per_device_batch_size_scales_the_global_batch_with_the_mesh(tmp_path):
+  from train_utils import tiny_keepfit_config
+  from jaxretina.train import contrastive
+
+  config = tiny_keepfit_config(str(tmp_path / "data"))
+  with config.unlocked():
+    config.per_device_batch_size = 3
+  for devices in (2, 8):
+    mesh = distributed.make_mesh("data:-1", jax.devices()[:devices])
+    assert distributed.global_batch_size(config, mesh) == 3 * devices
+    task = contrastive.ContrastiveTask(config, mesh, num_train_examples=64)
+    assert task.global_batch_size == 3 * devices
+  with config.unlocked():
+    config.per_device_batch_size = 0  # off: config.batch_size as given
+  assert distributed.global_batch_size(config, distributed.make_mesh("data:-1")) == config.batch_size
+  with config.unlocked():
+    config.per_device_batch_size = -1
+  with pytest.raises(ValueError, match="config.per_device_batch_size"):
+    distributed.global_batch_size(config, distributed.make_mesh("data:-1"))

@@ -1,4 +1,4 @@
-"""``python -m jaxretina.predict`` and ``jaxretina.restore`` on tiny runs trained for one step."""
+"""``python -m jaxretina.predict`` and ``jaxretina.inference`` on tiny runs trained for one step."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxretina import predict, restore
+from jaxretina import inference, predict
 from jaxretina.data import pipeline, synthetic
 from jaxretina.evaluators import plots
 from jaxretina.train import classification, loop
@@ -115,7 +115,7 @@ def test_classifier_folder_with_corrupt_files_and_heatmaps(bira_run, image_folde
   results = predict.main(["--checkpoint", bira_run, "--images", image_folder, retina_jpeg, "--out", out,
                           "--batch_size", "2"])
   assert len(results) == 6
-  config = restore.load_config(bira_run)
+  config = inference.load_config(bira_run)
   by_name = _check_rows(_rows(out), list(config.data.class_names), n_ok=4)
   assert by_name["broken.png"]["status"].startswith("unreadable: ") and by_name["broken.png"]["predicted"] == ""
   assert by_name["notes.txt"]["status"].startswith("skipped: not an image file")
@@ -130,7 +130,7 @@ def test_classifier_folder_with_corrupt_files_and_heatmaps(bira_run, image_folde
 
 def test_classifier_preprocessing_matches_the_training_pipeline(bira_run, data_dir, tmp_path):
   """A stored test image through predict gives the probabilities of the pipeline's uint8 batch."""
-  config, kind, classifier, variables = restore.load_run(bira_run)
+  config, kind, classifier, variables = inference.load_run(bira_run)
   assert kind == "classification"
   source = pipeline.open_source(config.data.name, "test", data_dir, dict(config.data.builder_kwargs))
   images = np.stack([pipeline.read_image(source, i, image_size=32) for i in range(2)])
@@ -169,7 +169,7 @@ def test_subprocess_cli_and_clear_errors(bira_run, image_folder, tmp_path):
                         env=env, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "1 predicted, 0 skipped" in done.stdout and "and 1 heatmaps" in done.stdout
-  _check_rows(_rows(out), list(restore.load_config(bira_run).data.class_names), n_ok=1)
+  _check_rows(_rows(out), list(inference.load_config(bira_run).data.class_names), n_ok=1)
 
   missing = str(tmp_path / "nope")
   done = subprocess.run([sys.executable, "-m", "jaxretina.predict", "--checkpoint", missing, "--images",
@@ -199,15 +199,15 @@ def _fake_pth(tmp_path) -> str:
 
 def test_restore_errors(keepfit_run, tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    restore.load_run(str(tmp_path))
+    inference.load_run(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="saved steps"):
-    restore.load_run(keepfit_run, step=99)
-  _, _, _, variables = restore.load_run(keepfit_run)
+    inference.load_run(keepfit_run, step=99)
+  _, _, _, variables = inference.load_run(keepfit_run)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
   abstract["params"]["logit_scale"] = jax.ShapeDtypeStruct((2,), jnp.float32)
-  state_dir = os.path.join(keepfit_run, "checkpoints", str(restore.checkpoint_steps(keepfit_run)[-1]), "state")
+  state_dir = os.path.join(keepfit_run, "checkpoints", str(inference.checkpoint_steps(keepfit_run)[-1]), "state")
   with pytest.raises(IncompatibleCheckpointError, match="logit_scale"):
-    restore.restore_variables(state_dir, abstract)
+    inference.restore_variables(state_dir, abstract)
 
 
 def test_pairing_of_two_modalities(tmp_path):
@@ -226,7 +226,7 @@ def _to_torch_state_dict(variables) -> dict:
   import torch
   from flax import traverse_util
 
-  from jaxretina.parity import flax_path_to_torch
+  from jaxretina.models.convert import flax_path_to_torch
 
   leaf_names = {"bias": "bias", "scale": "weight", "embedding": "weight", "mean": "running_mean",
                 "var": "running_var", "num_batches_tracked": "num_batches_tracked"}
@@ -250,7 +250,7 @@ def test_upstream_flair_checkpoint_zero_shot(tmp_path, retina_jpeg):
 
   import torch
 
-  from jaxretina.data.preprocess import flair_preprocess
+  from jaxretina.data.imaging import flair_preprocess
   from jaxretina.evaluators.zero_shot import class_prototypes
   from jaxretina.models import bert as bert_lib
   from jaxretina.models import flair

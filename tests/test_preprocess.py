@@ -1,9 +1,9 @@
-"""FLAIR image preprocessing (jaxretina.data.preprocess): canvas resize, /255, FOV crop."""
+"""FLAIR image preprocessing (jaxretina.data.imaging): canvas resize, /255, FOV crop."""
 
 import numpy as np
 import pytest
 
-from jaxretina.data import preprocess
+from jaxretina.data import imaging
 
 
 def _random_image(h, w, c=3, seed=0):
@@ -13,7 +13,7 @@ def _random_image(h, w, c=3, seed=0):
 @pytest.mark.parametrize("shape,resized", [((50, 70), (45, 64)), ((70, 50), (64, 45)), ((32, 32), (64, 64))])
 def test_flair_preprocess_shape_and_zero_padding(shape, resized):
   image = _random_image(*shape) + 1.0  # strictly positive, so padding is the only zero
-  out = preprocess.flair_preprocess(image, image_size=64)
+  out = imaging.flair_preprocess(image, image_size=64)
   assert out.shape == (64, 64, 3) and out.dtype == np.float32
   rh, rw = resized
   assert np.all(out[:rh, :rw] > 0)
@@ -22,25 +22,25 @@ def test_flair_preprocess_shape_and_zero_padding(shape, resized):
 
 
 def test_flair_preprocess_divides_by_255_and_keeps_constant_images():
-  out = preprocess.flair_preprocess(np.full((40, 20, 3), 102, np.uint8), image_size=32)
+  out = imaging.flair_preprocess(np.full((40, 20, 3), 102, np.uint8), image_size=32)
   np.testing.assert_allclose(out[:, :16], 0.4, atol=1e-6)
   assert np.all(out[:, 16:] == 0)
 
 
 def test_flair_preprocess_all_zero_image_is_not_divided():
-  out = preprocess.flair_preprocess(np.zeros((10, 10, 3), np.float32), image_size=8)
+  out = imaging.flair_preprocess(np.zeros((10, 10, 3), np.float32), image_size=8)
   assert out.shape == (8, 8, 3) and np.all(out == 0)
 
 
 def test_flair_preprocess_does_not_mutate_the_callers_array():
   image = _random_image(50, 70)
   before = image.copy()
-  preprocess.flair_preprocess(image, image_size=64)
+  imaging.flair_preprocess(image, image_size=64)
   np.testing.assert_array_equal(image, before)
 
 
 def test_grayscale_images_keep_one_channel():
-  out = preprocess.flair_preprocess(_random_image(30, 20, 1)[..., 0], image_size=16)
+  out = imaging.flair_preprocess(_random_image(30, 20, 1)[..., 0], image_size=16)
   assert out.shape == (16, 16, 1)
 
 
@@ -50,32 +50,32 @@ def test_antialiased_resize_matches_torch(in_hw, out_hw):
   image = np.random.default_rng(1).random(in_hw + (3,)).astype(np.float32)
   ref = torch.nn.functional.interpolate(torch.tensor(image).permute(2, 0, 1)[None], size=out_hw, mode="bilinear",
                                         align_corners=False, antialias=True)[0].permute(1, 2, 0).numpy()
-  np.testing.assert_allclose(preprocess.antialiased_resize(image, out_hw), ref, atol=1e-6)
+  np.testing.assert_allclose(imaging.antialiased_resize(image, out_hw), ref, atol=1e-6)
 
 
 def test_resize_weights_rows_are_normalised_triangles():
-  w = preprocess.resize_weights(70, 64)
+  w = imaging.resize_weights(70, 64)
   np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
   assert np.all(w >= 0)
   # Downscaling widens the filter to the scale: some outputs mix three inputs.
   assert (np.count_nonzero(w, axis=1) >= 3).any()
   # Upscaling is plain bilinear: at most two taps.
-  assert np.count_nonzero(preprocess.resize_weights(5, 9), axis=1).max() <= 2
+  assert np.count_nonzero(imaging.resize_weights(5, 9), axis=1).max() <= 2
 
 
 def test_canvas_resize_uint8_roundtrip():
   image = (np.random.default_rng(2).random((97, 131, 3)) * 255).astype(np.uint8)
-  out = preprocess.canvas_resize(image, image_size=64)
+  out = imaging.canvas_resize(image, image_size=64)
   assert out.dtype == np.uint8 and out.shape == (64, 64, 3)
   assert np.all(out[47:] == 0) and np.any(out[46] > 0)  # 97·64/131 = 47.4 → 47 rows kept
-  ref = preprocess.flair_preprocess(image, image_size=64) * 255.0
+  ref = imaging.flair_preprocess(image, image_size=64) * 255.0
   assert np.max(np.abs(out.astype(np.float32) - ref)) <= 1.0
-  const = preprocess.canvas_resize(np.full((30, 40, 3), 200, np.uint8), image_size=64)
+  const = imaging.canvas_resize(np.full((30, 40, 3), 200, np.uint8), image_size=64)
   np.testing.assert_array_equal(np.unique(const[:48]), [200])
 
 
 def test_canvas_resize_float_is_not_rescaled():
-  out = preprocess.canvas_resize(np.full((8, 4, 3), 3.0, np.float32), image_size=8)
+  out = imaging.canvas_resize(np.full((8, 4, 3), 3.0, np.float32), image_size=8)
   np.testing.assert_allclose(out[:, :4], 3.0, rtol=1e-6)
 
 
@@ -91,14 +91,14 @@ def _disc_image():
 
 def test_crop_fov_crops_to_the_largest_component():
   image = _disc_image()
-  crop = preprocess.crop_fov(image)
+  crop = imaging.crop_fov(image)
   assert crop.shape == (61, 61, 3)
   np.testing.assert_array_equal(crop, image[20:81, 50:111])
 
 
 def test_crop_fov_without_foreground_returns_a_copy():
   image = np.zeros((10, 12, 3), np.uint8)
-  out = preprocess.crop_fov(image)
+  out = imaging.crop_fov(image)
   assert out.shape == image.shape and out is not image
 
 
@@ -106,11 +106,11 @@ def test_li_threshold_matches_scikit_image():
   filters = pytest.importorskip("skimage.filters")
   rng = np.random.default_rng(3)
   values = np.concatenate([rng.normal(20, 5, 500), rng.normal(150, 20, 300)]).clip(0, 255).round()
-  assert preprocess.li_threshold(values) == pytest.approx(filters.threshold_li(values), rel=1e-6)
+  assert imaging.li_threshold(values) == pytest.approx(filters.threshold_li(values), rel=1e-6)
 
 
 def test_bad_input_is_reported():
   with pytest.raises(ValueError, match="flair_preprocess"):
-    preprocess.flair_preprocess(np.zeros((2, 3, 4, 5)))
+    imaging.flair_preprocess(np.zeros((2, 3, 4, 5)))
   with pytest.raises(ValueError, match="image_size"):
-    preprocess.flair_preprocess(np.zeros((4, 4, 3)), image_size=0)
+    imaging.flair_preprocess(np.zeros((4, 4, 3)), image_size=0)

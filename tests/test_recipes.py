@@ -16,7 +16,7 @@ import optax
 import pytest
 from PIL import Image
 
-from jaxretina import predict, restore
+from jaxretina import inference, predict
 from jaxretina.configlib import load_config_module
 from jaxretina.data import augment as augment_lib
 from jaxretina.data import pipeline
@@ -204,13 +204,13 @@ def test_mixed_sources_concatenate_and_split_by_fraction(data_dir):
 
 
 def _fcn_clip_classifier():
-  from jaxretina.train import classifiers
+  from jaxretina.systems import build_classification_system
 
   c = _config("fcn_clip")
   with c.unlocked():
     c.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
     c.model.proj_dim, c.model.decoder_channels = 16, [32, 16]
-  classifier = classifiers.build(c, 5, {"image": 3})
+  classifier = build_classification_system(c, 5, {"image": 3})
   classifier.set_training_labels(np.repeat(np.arange(5), [445, 200, 200, 180, 180]), 5)
   return classifier
 
@@ -429,14 +429,14 @@ def test_early_stopping_ends_the_run_with_a_final_and_a_best_checkpoint(data_dir
   assert "eval/classification/accuracy" in final
   out = capsys.readouterr().out
   assert f"stopped at step {3 * spe}/{6 * spe}: early stopping: classification/chance has not improved for 2" in out
-  assert restore.checkpoint_steps(workdir) == [3 * spe]  # the final checkpoint at the stop
-  assert restore.checkpoint_steps(workdir, best=True) == [spe]  # the best (first) evaluation's state
-  assert restore.load_run(workdir, best=True).variables["params"]
+  assert inference.checkpoint_steps(workdir) == [3 * spe]  # the final checkpoint at the stop
+  assert inference.checkpoint_steps(workdir, best=True) == [spe]  # the best (first) evaluation's state
+  assert inference.load_run(workdir, best=True).variables["params"]
   assert _scales(workdir) == [(spe, 1.0), (2 * spe, 0.5), (3 * spe, 0.25)]
   # Started again, the run knows it has stopped: no training, the same checkpoints.
   loop.train_and_evaluate(c, workdir)
   assert "early stopping" in capsys.readouterr().out
-  assert restore.checkpoint_steps(workdir) == [3 * spe]
+  assert inference.checkpoint_steps(workdir) == [3 * spe]
 
 
 def test_plateau_needs_epoch_evaluations_and_a_known_metric(data_dir, tmp_path):

@@ -17,7 +17,7 @@ from train_utils import tiny_keepfit_config
 from jaxretina.data import pipeline
 from jaxretina.models import flair
 from jaxretina.train import contrastive, distributed
-from jaxretina.train.loop import TrainState
+from jaxretina.train.state import TrainState
 
 
 def _task(scope: str = "global", devices: int = 1, kd: bool = True) -> contrastive.ContrastiveTask:

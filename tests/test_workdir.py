@@ -18,7 +18,7 @@ from PIL import Image
 
 import fake_gcs
 from train_utils import tiny_keepfit_config
-from jaxretina import fileio, restore
+from jaxretina import fileio, inference
 from jaxretina.evaluators import plots
 from jaxretina.train import loop
 from jaxretina.train.metrics import Progress, read_metrics
@@ -124,12 +124,13 @@ def test_gs_workdir_trains_resumes_and_restores_without_local_files(data_dir, tm
   assert json.loads((stored / "config.json").read_text())["total_steps"] == 3
   assert json.loads((stored / "config.2.json").read_text())["total_steps"] == 2  # the run's length grew at step 2
   assert sorted(s for tag, s in _tensorboard_scalars(f"{workdir}/tensorboard") if tag == "loss") == [1, 2, 3]
-  run = restore.load_run(workdir)
+  run = inference.load_run(workdir)
   assert run.kind == "contrastive" and run.variables["params"]
 
 
 def test_reports_write_to_gs(tmp_path, monkeypatch):
-  from jaxretina import evaluate, predict
+  from jaxretina import predict
+  from jaxretina.transfer import runner
 
   bucket_root = tmp_path / "gcs"
   fake_gcs.install(monkeypatch, str(bucket_root))
@@ -139,7 +140,7 @@ def test_reports_write_to_gs(tmp_path, monkeypatch):
   plots.save_heatmap_png(image, np.eye(4), f"{out}/heatmaps/a.png", title="a")
   labels, probs = np.array([0, 1, 1]), np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
   result = dict(folds=[dict(aca=0.5)], summary=dict(aca=dict(mean=0.5, std=0.0)))
-  evaluate._write(f"{out}/transfer", result, ["a", "b"], [[0, "x", "a", "a", "0.8", "0.2"]], labels, probs, plots)
+  runner.write_reports(f"{out}/transfer", result, ["a", "b"], [[0, "x", "a", "a", "0.8", "0.2"]], labels, probs)
   rows = [predict.Result(predict.Entry(("x.png",)), probabilities=np.array([0.25, 0.75]))]
   predict.write_csv(rows, ["a", "b"], ["image"], f"{out}/predictions.csv")
 

@@ -38,6 +38,9 @@ import numpy as np
 from PIL import Image
 
 from jaxretina.data import pipeline
+from jaxretina.data import synthetic
+import jaxretina.datasets
+from jaxretina.datasets import process_pool
 
 JPEG_QUALITY = 95
 
@@ -54,8 +57,6 @@ def default_data_dir() -> str:
 
 
 def _render_jpeg(path: str, index: int, image_size: int) -> int:
-  from jaxretina.data import synthetic
-
   example = synthetic.render_example(0, index, image_size)
   Image.fromarray(example["image"]).save(path, format="JPEG", quality=JPEG_QUALITY)
   return int(example["label"])
@@ -74,23 +75,19 @@ def prepare_dataset(data_dir: str, num_records: int = 512, image_size: int = 512
   """
   import tensorflow_datasets as tfds
 
-  import jaxretina.datasets  # noqa: F401  (registers image_folder)
-  from jaxretina.data import synthetic
-  from jaxretina.datasets import common
-
   if num_records < 1 or image_size < 16:
     raise ValueError(f"prepare_dataset: need num_records >= 1 and image_size >= 16, got {num_records}, {image_size}")
   tree = Path(data_dir) / "trees" / f"fundus_{num_records}_{image_size}px"
   done = tree / "COMPLETE"
-  workers = num_workers or common.default_num_workers()
+  workers = num_workers or process_pool.default_num_workers()
   generate_s = 0.0
   if not done.exists():
     start = time.perf_counter()
     # Rendered into a staging folder first: the class folder depends on the label drawn per image.
     paths = [tree / "staging" / f"{index:06d}.jpg" for index in range(num_records)]
     (tree / "staging").mkdir(parents=True, exist_ok=True)
-    labels = list(common.parallel_map(_render_jpeg, [(str(p), i, image_size) for i, p in enumerate(paths)],
-                                      workers))
+    labels = list(process_pool.parallel_map(_render_jpeg, [(str(p), i, image_size) for i, p in enumerate(paths)],
+                                            workers))
     for path, label in zip(paths, labels):
       class_dir = tree / "train" / synthetic.CLASS_NAMES[label].replace(" ", "_")
       class_dir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ dataset, split, record index and id.
 from __future__ import annotations
 
 import ast
-import io
 import json
 import logging
 import zlib
@@ -31,9 +30,10 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 from absl import flags
-from PIL import Image
 
+from jaxretina.data import imaging
 from jaxretina.text import prompts
+import jaxretina.datasets
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -90,8 +90,6 @@ def open_source(name: str, split: str, data_dir: str, builder_kwargs: dict | Non
     ValueError: unknown dataset, missing split, or an empty split.
   """
   import tensorflow_datasets as tfds
-
-  import jaxretina.datasets  # noqa: F401  (registers jaxretina's builders)
 
   try:
     builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
@@ -172,22 +170,8 @@ def _decode_image(record: dict, index: int, source, image_size: int | None, fiel
     raise ValueError(f"image field {field!r}: channels must be 1 or 3, got {channels}")
   if field not in record:
     raise KeyError(f"record {index} of {_where(source)} has no {field!r} field (fields: {sorted(record)})")
-  value = record[field]
   try:
-    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
-      image = Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value)
-    else:
-      with Image.open(io.BytesIO(bytes(value))) as opened:
-        opened.load()
-        # Pre-resized records are usually stored in the wanted mode already: skip convert's full copy.
-        image = opened if opened.mode == ("RGB" if channels == 3 else "L") else opened.convert(
-            "RGB" if channels == 3 else "L")
-    if image.mode != ("RGB" if channels == 3 else "L"):
-      image = image.convert("RGB" if channels == 3 else "L")
-    if image_size is not None and image.size != (image_size, image_size):
-      image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(image, np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    return imaging.decode(record[field], channels, image_size)
   except Exception as e:  # noqa: BLE001  (any decoder failure: report which record, not PIL's internals)
     record_id = _text(record["id"]) if "id" in record else "?"
     raise ValueError(f"corrupt or unreadable {field!r} in record {index} (id {record_id!r}) of {_where(source)}: "

@@ -35,15 +35,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from jaxretina.data import dr_grades
+
 DATASET_KEY = "synthetic"
 
 # Ordered classes; `label` indexes this tuple. Every name is a key of FLAIR's `definitions`.
 CLASS_NAMES: tuple[str, ...] = (
     "normal",
-    "mild diabetic retinopathy",
-    "moderate diabetic retinopathy",
-    "severe diabetic retinopathy",
-    "proliferative diabetic retinopathy",
+    *dr_grades.DR_CATEGORIES[1:],  # the four DR grades above 0 (a healthy eye is "normal")
     "glaucoma",
     "age related macular degeneration",
 )

@@ -17,6 +17,9 @@ import argparse
 import logging
 import os
 import sys
+import jaxretina.datasets
+from jaxretina.datasets import manual_builder
+from jaxretina.datasets import bad_input
 
 _EXIT_BAD_INPUT = 2
 
@@ -58,8 +61,6 @@ def _parse_options(extra: list[str]) -> dict:
 def _registered_names() -> list[str]:
   import tensorflow_datasets as tfds
 
-  import jaxretina.datasets  # noqa: F401  (registers jaxretina's builders)
-
   # Community datasets are looked up on GCS (no network here, and not jaxretina's concern).
   return sorted(tfds.list_builders(with_community_datasets=False))
 
@@ -69,8 +70,6 @@ def _jaxretina_builders() -> dict:
   import inspect
 
   import tensorflow_datasets as tfds
-
-  import jaxretina.datasets  # noqa: F401
 
   registered = set(_registered_names())
   found = {}
@@ -96,15 +95,13 @@ def _list() -> int:
 def _build(args, options: dict) -> int:
   import tensorflow_datasets as tfds
 
-  from jaxretina.datasets import common
-
   if args.name not in _registered_names():
     print(f"error: no dataset named {args.name!r}; jaxretina builders: {', '.join(_jaxretina_builders())}",
           file=sys.stderr)
     return _EXIT_BAD_INPUT
   if args.config:
     options["config"] = args.config
-  if args.manual_dir and issubclass(tfds.builder_cls(args.name), common.ManualRetinaBuilder):
+  if args.manual_dir and issubclass(tfds.builder_cls(args.name), manual_builder.ManualRetinaBuilder):
     options["manual_dir"] = args.manual_dir  # image_folder reads its class names from the tree at construction
   builder = tfds.builder(args.name, data_dir=args.data_dir, **options)
   label = builder.name + (f"/{builder.builder_config.name}" if builder.builder_config else "")
@@ -144,11 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     options = _parse_options(extra)
   except ValueError as e:
     parser.error(str(e))
-  from jaxretina.datasets import common
-
   try:
     return _build(args, options)
-  except (common.DatasetInputError, ValueError, TypeError) as e:
+  except (bad_input.DatasetInputError, ValueError, TypeError) as e:
     # Bad input (DatasetInputError is a ValueError), unknown options or config (TFDS reports those as
     # ValueError/TypeError naming the keyword): the message says what and where; a traceback adds nothing.
     print(f"error: {e}", file=sys.stderr)

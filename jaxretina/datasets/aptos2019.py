@@ -11,7 +11,11 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.data import dr_grades
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 APTOS 2019 (Kaggle competition data; needs a Kaggle account and accepting the competition rules):
@@ -26,7 +30,7 @@ train_1.csv / valid.csv are not the competition layout and are not read.
 """
 
 
-class Aptos2019(common.ManualRetinaBuilder):
+class Aptos2019(manual_builder.ManualRetinaBuilder):
   """APTOS 2019 Blindness Detection: colour fundus photographs graded 0–4 (ICDR).
 
   Features beyond the common ones: none (``id`` = ``id_code``; no patient/eye ids in the source).
@@ -40,29 +44,30 @@ class Aptos2019(common.ManualRetinaBuilder):
   DATASET_KEY = "aptos2019"
 
   def _layout(self, manual_dir: Path, bad, report):
-    root, _ = common.find_root(manual_dir, [["train.csv", "train_images/"]], dataset=self.name, hints={
+    root, _ = file_discovery.find_root(manual_dir, [["train.csv", "train_images/"]], dataset=self.name, hints={
         "train_1.csv": "Found train_1.csv: that is a community Kaggle mirror's re-split (train_1/valid/test, all "
                        "labelled), not the competition layout this builder reads (train.csv + train_images/).",
         "valid.csv": "Found valid.csv: that is a community mirror layout, not the competition layout "
                      "(train.csv + train_images/).",
     })
     layout = {"train": self._split(root, "train", "train.csv", "train_images", labelled=True, bad=bad)}
-    test_csv = common.resolve(root, "test.csv", kind="file")
+    test_csv = file_discovery.resolve(root, "test.csv", kind="file")
     if test_csv is not None:
       layout["test"] = self._split(root, "test", "test.csv", "test_images", labelled=False, bad=bad)
     else:
       report.notes.append(f"no test.csv in {root}: the unlabelled test split is not written")
     return layout
 
-  def _split(self, root: Path, split: str, csv_name: str, folder: str, *, labelled: bool, bad) -> list[common.Item]:
-    table = common.read_csv(common.resolve(root, csv_name, kind="file"), dataset=self.name)
+  def _split(self, root: Path, split: str, csv_name: str, folder: str, *, labelled: bool,
+             bad) -> list[manual_builder.Item]:
+    table = label_tables.read_csv(file_discovery.resolve(root, csv_name, kind="file"), dataset=self.name)
     table.require(["id_code", "diagnosis"] if labelled else ["id_code"], self.name)
     has_labels = "diagnosis" in table.header
-    image_folder = common.resolve(root, folder, kind="dir")
+    image_folder = file_discovery.resolve(root, folder, kind="dir")
     if image_folder is None:
-      raise common.DatasetInputError(f"{self.name}: {table.path} lists images but there is no {folder}/ folder "
-                                     f"next to it in {root}")
-    index = common.ImageIndex(common.image_dir(image_folder), relative_to=root)
+      raise bad_input.DatasetInputError(f"{self.name}: {table.path} lists images but there is no {folder}/ folder "
+                                        f"next to it in {root}")
+    index = file_discovery.ImageIndex(file_discovery.image_dir(image_folder), relative_to=root)
     items, seen = [], set()
     for line, row in table.rows:
       where = table.where(line)
@@ -76,7 +81,7 @@ class Aptos2019(common.ManualRetinaBuilder):
       seen.add(image_id.lower())
       label = -1
       if has_labels:
-        label = common.parse_label(row["diagnosis"], range(5))
+        label = label_tables.parse_label(row["diagnosis"], range(5))
         if label is None:
           bad(split, "unknown_label", where, f"diagnosis {row['diagnosis']!r} is not one of 0..4")
           index.claim(image_id)
@@ -84,8 +89,8 @@ class Aptos2019(common.ManualRetinaBuilder):
       path = index.find(image_id, bad, split, where)
       if path is None:
         continue
-      items.append(common.Item(path, where, {
+      items.append(manual_builder.Item(path, where, {
           "id": image_id, "file_name": index.relative(path), "label": label,
-          "categories": common.dr_categories(label) if label >= 0 else []}))
-    common.check_unlabelled(index, split, bad, table.path)
+          "categories": dr_grades.dr_categories(label) if label >= 0 else []}))
+    bad_input.check_unlabelled(index, split, bad, table.path)
     return items

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.data import dr_grades
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 DDR (OIA-DDR), https://github.com/nkicsl/DDR-dataset (Google Drive / Baidu Drive, password ue0t). Join the
@@ -26,13 +30,13 @@ _SPLITS = {"train": "train", "validation": "valid", "test": "test"}
 
 
 @dataclasses.dataclass(eq=False)
-class DdrConfig(common.ManualRetinaConfig):
+class DdrConfig(manual_builder.ManualRetinaConfig):
   """Attributes: drop_ungradable: leave out grade-5 (ungradable) images; ``label`` then has 5 classes."""
 
   drop_ungradable: bool = False
 
 
-class Ddr(common.ManualRetinaBuilder):
+class Ddr(manual_builder.ManualRetinaBuilder):
   """DDR colour fundus photographs with DR grades 0–4 and 5 = ungradable.
 
   ``id`` = file name; no patient/eye ids are distributed. Ungradable images get no category and the
@@ -52,22 +56,22 @@ class Ddr(common.ManualRetinaBuilder):
   ]
 
   def _label_names(self):
-    names = common.DR_GRADE_NAMES
-    return names if self.builder_config.drop_ungradable else names + (common.UNGRADABLE,)
+    names = dr_grades.DR_GRADE_NAMES
+    return names if self.builder_config.drop_ungradable else names + (dr_grades.UNGRADABLE,)
 
   def _layout(self, manual_dir: Path, bad, report):
     anchors = [f"DR_grading/{name}.txt" for name in _SPLITS.values()]
-    root, _ = common.find_root(manual_dir, [anchors], dataset=self.name)
-    grading = common.resolve(root, "DR_grading", kind="dir")
+    root, _ = file_discovery.find_root(manual_dir, [anchors], dataset=self.name)
+    grading = file_discovery.resolve(root, "DR_grading", kind="dir")
     layout = {}
     dropped = 0
     for split, disk_name in _SPLITS.items():
-      label_file = common.resolve(grading, f"{disk_name}.txt", kind="file")
-      folder = common.resolve(grading, disk_name, kind="dir")
+      label_file = file_discovery.resolve(grading, f"{disk_name}.txt", kind="file")
+      folder = file_discovery.resolve(grading, disk_name, kind="dir")
       if folder is None:
-        raise common.DatasetInputError(f"{self.name}: {label_file} lists images but there is no folder "
-                                       f"{grading / disk_name}")
-      index = common.ImageIndex(common.image_dir(folder), relative_to=root)
+        raise bad_input.DatasetInputError(f"{self.name}: {label_file} lists images but there is no folder "
+                                          f"{grading / disk_name}")
+      index = file_discovery.ImageIndex(file_discovery.image_dir(folder), relative_to=root)
       items, seen = [], set()
       for line, text in enumerate(label_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not text.strip():
@@ -82,7 +86,7 @@ class Ddr(common.ManualRetinaBuilder):
           bad(split, "duplicate_id", where, f"{name!r} appears more than once (expected unique file names)")
           continue
         seen.add(name.lower())
-        grade = common.parse_label(value, range(6))
+        grade = label_tables.parse_label(value, range(6))
         if grade is None:
           bad(split, "unknown_label", where, f"grade {value!r} is not one of 0..5")
           index.claim(name)
@@ -94,11 +98,11 @@ class Ddr(common.ManualRetinaBuilder):
           dropped += 1
           continue
         ungradable = grade == 5
-        items.append(common.Item(path, where, {
+        items.append(manual_builder.Item(path, where, {
             "id": name, "file_name": index.relative(path), "label": grade,
-            "categories": [] if ungradable else common.dr_categories(grade),
+            "categories": [] if ungradable else dr_grades.dr_categories(grade),
             "atributes": ["noisy"] if ungradable else []}))
-      common.check_unlabelled(index, split, bad, label_file)
+      bad_input.check_unlabelled(index, split, bad, label_file)
       layout[split] = items
     if dropped:
       report.notes.append(f"{dropped} ungradable (grade 5) images left out (drop_ungradable)")

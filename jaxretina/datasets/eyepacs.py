@@ -17,7 +17,11 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.data import dr_grades
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 EyePACS / Kaggle Diabetic Retinopathy Detection (2015), https://www.kaggle.com/c/diabetic-retinopathy-detection/data
@@ -35,7 +39,7 @@ trainLabels.csv; without it only train (and sample) are written. Expected, at mo
 _NAME = re.compile(r"^(\d+)_(left|right)$", re.IGNORECASE)
 
 
-class Eyepacs(common.ManualRetinaBuilder):
+class Eyepacs(manual_builder.ManualRetinaBuilder):
   """EyePACS colour fundus photographs (Kaggle DR 2015), ICDR grades 0–4, both eyes per patient.
 
   Features beyond the common ones: ``usage`` (``'Public'`` / ``'Private'`` leaderboard subset of
@@ -54,33 +58,33 @@ class Eyepacs(common.ManualRetinaBuilder):
     return {"usage": tfds.features.Text(doc="'Public'/'Private' (solution file) or ''")}
 
   def _layout(self, manual_dir: Path, bad, report):
-    root, _ = common.find_root(manual_dir, [["trainLabels.csv", "train/"]], dataset=self.name)
-    labels = common.read_csv(common.resolve(root, "trainLabels.csv", kind="file"), dataset=self.name)
-    train_dir = common.image_dir(common.resolve(root, "train", kind="dir"))
-    layout = {"train": self._rows(root, "train", labels, common.ImageIndex(train_dir, relative_to=root), bad)}
-    solution = common.resolve(root, "retinopathy_solution.csv", kind="file")
-    test_dir = common.resolve(root, "test", kind="dir")
+    root, _ = file_discovery.find_root(manual_dir, [["trainLabels.csv", "train/"]], dataset=self.name)
+    labels = label_tables.read_csv(file_discovery.resolve(root, "trainLabels.csv", kind="file"), dataset=self.name)
+    train_dir = file_discovery.image_dir(file_discovery.resolve(root, "train", kind="dir"))
+    layout = {"train": self._rows(root, "train", labels, file_discovery.ImageIndex(train_dir, relative_to=root), bad)}
+    solution = file_discovery.resolve(root, "retinopathy_solution.csv", kind="file")
+    test_dir = file_discovery.resolve(root, "test", kind="dir")
     if solution is None:
       report.notes.append(f"no retinopathy_solution.csv in {root}: validation/test splits not written")
     elif test_dir is None:
-      raise common.DatasetInputError(f"{self.name}: {solution} is present but there is no test/ folder in {root} "
-                                     f"(extract test.zip.001..007 there)")
+      raise bad_input.DatasetInputError(f"{self.name}: {solution} is present but there is no test/ folder in {root} "
+                                        f"(extract test.zip.001..007 there)")
     else:
-      table = common.read_csv(solution, dataset=self.name)
+      table = label_tables.read_csv(solution, dataset=self.name)
       table.require(["image", "level", "Usage"], self.name)
-      index = common.ImageIndex(common.image_dir(test_dir), relative_to=root)
+      index = file_discovery.ImageIndex(file_discovery.image_dir(test_dir), relative_to=root)
       by_usage = {"Public": "validation", "Private": "test"}
       layout.update({"validation": [], "test": []})
       for split, items in self._iter_rows("test", table, index, bad, usage_splits=by_usage):
         layout[split].append(items)
-      common.check_unlabelled(index, "test", bad, solution)
-    sample_dir = common.resolve(root, "sample", kind="dir")
+      bad_input.check_unlabelled(index, "test", bad, solution)
+    sample_dir = file_discovery.resolve(root, "sample", kind="dir")
     if sample_dir is not None:
-      index = common.ImageIndex(common.image_dir(sample_dir), relative_to=root)
+      index = file_discovery.ImageIndex(file_discovery.image_dir(sample_dir), relative_to=root)
       layout["sample"] = []
       for path in index.unused():
         patient, eye = self._ids(path.stem)
-        layout["sample"].append(common.Item(path, str(path), {
+        layout["sample"].append(manual_builder.Item(path, str(path), {
             "id": path.stem, "file_name": index.relative(path), "label": -1, "usage": "",
             "patient_id": patient, "eye": eye}))
     return layout
@@ -90,10 +94,10 @@ class Eyepacs(common.ManualRetinaBuilder):
     match = _NAME.match(name)
     return (match.group(1), match.group(2).lower()) if match else ("", "")
 
-  def _rows(self, root, split, table, index, bad) -> list[common.Item]:
+  def _rows(self, root, split, table, index, bad) -> list[manual_builder.Item]:
     table.require(["image", "level"], self.name)
     items = [item for _, item in self._iter_rows(split, table, index, bad, usage_splits=None)]
-    common.check_unlabelled(index, split, bad, table.path)
+    bad_input.check_unlabelled(index, split, bad, table.path)
     return items
 
   def _iter_rows(self, split, table, index, bad, *, usage_splits):
@@ -112,7 +116,7 @@ class Eyepacs(common.ManualRetinaBuilder):
         bad(target, "duplicate_id", where, f"image {name!r} appears more than once (expected unique names)")
         continue
       seen.add(name.lower())
-      label = common.parse_label(row["level"], range(5))
+      label = label_tables.parse_label(row["level"], range(5))
       if label is None:
         bad(target, "unknown_label", where, f"level {row['level']!r} is not one of 0..4")
         index.claim(name)
@@ -121,6 +125,6 @@ class Eyepacs(common.ManualRetinaBuilder):
       if path is None:
         continue
       patient, eye = self._ids(name)
-      yield target, common.Item(path, where, {
+      yield target, manual_builder.Item(path, where, {
           "id": name, "file_name": index.relative(path), "label": label, "patient_id": patient, "eye": eye,
-          "usage": row.get("Usage", ""), "categories": common.dr_categories(label)})
+          "usage": row.get("Usage", ""), "categories": dr_grades.dr_categories(label)})

@@ -53,7 +53,10 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import local_builder
+from jaxretina.datasets import manual_builder
 from jaxretina.transfer import splits as transfer_splits
 
 _INSTRUCTIONS = """\
@@ -70,7 +73,7 @@ folders anywhere with a JSON key map: {"02_MESSIDOR": "/data/messidor", ...}. Bu
 
 
 @dataclasses.dataclass(eq=False)
-class FlairDataframeConfig(common.ManualRetinaConfig):
+class FlairDataframeConfig(manual_builder.ManualRetinaConfig):
   """Attributes: see the module docstring (csv as a JSON list of paths)."""
 
   csv: str = "[]"
@@ -111,7 +114,7 @@ def _file_digest(path: Path, what: str) -> str:
   try:
     return hashlib.sha256(path.read_bytes()).hexdigest()
   except OSError as e:
-    raise common.DatasetInputError(f"flair_dataframe: cannot read {what} {path} ({type(e).__name__}: {e})") from None
+    raise bad_input.DatasetInputError(f"flair_dataframe: cannot read {what} {path} ({type(e).__name__}: {e})") from None
 
 
 def _literal_list(value: str, column: str) -> list:
@@ -135,16 +138,16 @@ def read_dataframe(path: Path, bad, split: str = "train") -> list[Row]:
   try:
     text = data.decode("utf-8-sig")
   except UnicodeDecodeError:
-    raise common.DatasetInputError(f"flair_dataframe: {path} is not UTF-8 text") from None
+    raise bad_input.DatasetInputError(f"flair_dataframe: {path} is not UTF-8 text") from None
   raw = list(csv.reader(io.StringIO(text, newline="")))
   if not raw or not any(v.strip() for v in raw[0]):
-    raise common.DatasetInputError(f"flair_dataframe: {path} is empty (expected the header ',image,atributes,"
-                                   f"categories' or ',image,caption')")
+    raise bad_input.DatasetInputError(f"flair_dataframe: {path} is empty (expected the header ',image,atributes,"
+                                      f"categories' or ',image,caption')")
   header = [h.strip() for h in raw[0]]
   columns = {h: i for i, h in enumerate(header) if h}
   if "image" not in columns or not ({"categories", "caption"} & set(columns)):
-    raise common.DatasetInputError(f"flair_dataframe: {path} has header {header}; expected ',image,atributes,"
-                                   f"categories' or ',image,caption' (FLAIR's dataframe format)")
+    raise bad_input.DatasetInputError(f"flair_dataframe: {path} has header {header}; expected ',image,atributes,"
+                                      f"categories' or ',image,caption' (FLAIR's dataframe format)")
   rows = []
   for line, values in enumerate(raw[1:], start=2):
     if not any(v.strip() for v in values):
@@ -168,7 +171,7 @@ def read_dataframe(path: Path, bad, split: str = "train") -> list[Row]:
   return rows
 
 
-class FlairDataframe(common.ManualRetinaBuilder):
+class FlairDataframe(manual_builder.ManualRetinaBuilder):
   """Images named by FLAIR-format dataframes (pretraining mixes and transferability benchmarks)."""
 
   name = "flair_dataframe"
@@ -197,7 +200,7 @@ class FlairDataframe(common.ManualRetinaBuilder):
               "shots_val": base.shots_val if shots_val is None else str(shots_val),
               "shots_test": base.shots_test if shots_test is None else str(shots_test),
               "fold": base.fold if fold is None else int(fold),
-              "balance": base.balance if balance is None else common.coerce_option(balance, False, "balance",
+              "balance": base.balance if balance is None else local_builder.coerce_option(balance, False, "balance",
                                                                                     "flair_dataframe")}
     if values["experiment"] and values["experiment"] not in transfer_splits.EXPERIMENTS:
       raise ValueError(f"flair_dataframe: unknown experiment {values['experiment']!r}; known: "
@@ -241,7 +244,7 @@ class FlairDataframe(common.ManualRetinaBuilder):
     manual = self._manual_dir_override if self._manual_dir_override is not None else self._config_manual_dir
     if manual is None or str(manual) == "":
       return None
-    return common.check_manual_dir(manual, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return file_discovery.check_manual_dir(manual, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
 
   def _key_folders(self) -> dict[str, Path]:
     path = self.builder_config.key_map
@@ -250,19 +253,19 @@ class FlairDataframe(common.ManualRetinaBuilder):
     try:
       mapping = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-      raise common.DatasetInputError(f"{self.name}: key_map {path} is not a readable JSON file "
-                                     f"({type(e).__name__}: {e})") from None
+      raise bad_input.DatasetInputError(f"{self.name}: key_map {path} is not a readable JSON file "
+                                        f"({type(e).__name__}: {e})") from None
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-      raise common.DatasetInputError(f"{self.name}: key_map {path} must be a JSON object from dataset key to folder "
-                                     f"path (strings), got {type(mapping).__name__}")
+      raise bad_input.DatasetInputError(f"{self.name}: key_map {path} must be a JSON object from dataset key to folder "
+                                        f"path (strings), got {type(mapping).__name__}")
     folders = {}
     for key, folder in mapping.items():
       folder_path = Path(folder).expanduser()
       if not folder_path.is_absolute():
         folder_path = Path(path).parent / folder_path
       if not folder_path.is_dir():
-        raise common.DatasetInputError(f"{self.name}: key_map {path} maps {key!r} to {folder_path}, which is not "
-                                       f"a folder")
+        raise bad_input.DatasetInputError(f"{self.name}: key_map {path} maps {key!r} to {folder_path}, which is not "
+                                          f"a folder")
       folders[key.strip("/")] = folder_path
     return folders
 
@@ -270,15 +273,15 @@ class FlairDataframe(common.ManualRetinaBuilder):
     config = self.builder_config
     csvs = [Path(p) for p in json.loads(config.csv)]
     if not csvs:
-      raise common.DatasetInputError(f"{self.name}: no dataframe given: pass csv=PATH (or a list; --csv A.csv "
-                                     f"B.csv on the command line). {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+      raise bad_input.DatasetInputError(f"{self.name}: no dataframe given: pass csv=PATH (or a list; --csv A.csv "
+                                        f"B.csv on the command line). {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
     for path in csvs:
       if not path.is_file():
-        raise common.DatasetInputError(f"{self.name}: dataframe {path} does not exist")
+        raise bad_input.DatasetInputError(f"{self.name}: dataframe {path} does not exist")
     folders = self._key_folders()
     if manual_dir is None and not folders:
-      raise common.DatasetInputError(f"{self.name}: neither manual_dir nor key_map given: nothing says where the "
-                                     f"images are. {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+      raise bad_input.DatasetInputError(f"{self.name}: neither manual_dir nor key_map given: nothing says where the "
+                                        f"images are. {self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
     read_split = "all" if config.experiment else "train"
     rows, seen = [], set()
     for row in (row for path in csvs for row in read_dataframe(path, bad, read_split)):
@@ -328,7 +331,7 @@ class FlairDataframe(common.ManualRetinaBuilder):
                     "source_csv": row.source_csv}
         if config.experiment:
           features["label"] = label
-        items.append(common.Item(path, row.where, features))
+        items.append(manual_builder.Item(path, row.where, features))
       layout[split] = items
     return layout
 
@@ -338,23 +341,23 @@ class _Resolver:
 
   def __init__(self, manual_dir: Path | None, folders: dict[str, Path]):
     self.manual_dir, self.folders = manual_dir, folders
-    self._indexes: dict[Path, common.ImageIndex] = {}
+    self._indexes: dict[Path, file_discovery.ImageIndex] = {}
 
   def find(self, row: Row, bad, split: str) -> Path | None:
     parts = [p for p in row.image.split("/") if p]
     key, rest = parts[0], parts[1:]
     base = self.folders.get(key)
     if base is None and self.manual_dir is not None:
-      base = common.resolve(self.manual_dir, key, kind="dir")
+      base = file_discovery.resolve(self.manual_dir, key, kind="dir")
     if base is None:
       where_to_look = f"the key map {sorted(self.folders)}" + (f" or {self.manual_dir}" if self.manual_dir else "")
       bad(split, "missing_image", row.where, f"no folder for dataset key {key!r} (looked in {where_to_look})")
       return None
-    parent = common.resolve(base, "/".join(rest[:-1]), kind="dir") if len(rest) > 1 else base
+    parent = file_discovery.resolve(base, "/".join(rest[:-1]), kind="dir") if len(rest) > 1 else base
     if parent is None:
       bad(split, "missing_image", row.where, f"image {row.image!r}: folder {'/'.join(rest[:-1])!r} not found in "
                                              f"{base}")
       return None
     if parent not in self._indexes:
-      self._indexes[parent] = common.ImageIndex(parent)
+      self._indexes[parent] = file_discovery.ImageIndex(parent)
     return self._indexes[parent].find(rest[-1], bad, split, row.where)

@@ -29,8 +29,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
-from jaxretina.datasets.mmc_amd import ImageJob, MultiImageBuilder, encode_array, load_grey
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import image_encoding
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
+from jaxretina.datasets.mmc_amd import ImageJob, MultiImageBuilder
 
 _INSTRUCTIONS = """\
 GAMMA glaucoma grading (task 1), https://gamma.grand-challenge.org/ (registration) or the mirror
@@ -68,13 +72,13 @@ def reduce_volume(slices: list[np.ndarray], reduce: str, count: int) -> np.ndarr
 
 
 def process_volume(paths: tuple[str, ...], reduce: str, count: int,
-                   options: common.ImageOptions) -> tuple[bool, bytes | str]:
+                   options: image_encoding.ImageOptions) -> tuple[bool, bytes | str]:
   """(True, encoded grey (S, S, 1) OCT input) or (False, reason naming the bad slice)."""
   wanted = [paths[len(paths) // 2]] if reduce == "center" else [paths[i] for i in central_slices(len(paths), count)]
   slices = []
   for path in wanted:
     try:
-      slices.append(load_grey(path))
+      slices.append(image_encoding.read_grey(path))
     except Exception as e:  # noqa: BLE001
       return False, f"corrupt or unreadable OCT slice {path} ({type(e).__name__}: {e})"
   shapes = sorted({s.shape for s in slices})
@@ -82,14 +86,14 @@ def process_volume(paths: tuple[str, ...], reduce: str, count: int,
     return False, f"OCT slices of different sizes {shapes} (expected one size per volume)"
   try:
     if reduce == "center":
-      return True, encode_array(slices[0][..., None], options)
-    return True, encode_array(reduce_volume(slices, reduce, count)[..., None], options)
+      return True, image_encoding.encode_array(slices[0][..., None], options)
+    return True, image_encoding.encode_array(reduce_volume(slices, reduce, count)[..., None], options)
   except Exception as e:  # noqa: BLE001
     return False, f"could not process the OCT volume ({type(e).__name__}: {e})"
 
 
 @dataclasses.dataclass(eq=False)
-class GammaConfig(common.ManualRetinaConfig):
+class GammaConfig(manual_builder.ManualRetinaConfig):
   """Attributes: oct_reduce: 'center', 'mean' or 'max' (module docstring); oct_slices: central slices
   reduced by mean/max (0 = all)."""
 
@@ -134,31 +138,31 @@ class Gamma(MultiImageBuilder):
             "oct_num_slices": tfds.features.Scalar(dtype=np.int32, doc="B-scans in the OCT volume")}
 
   def _layout(self, manual_dir: Path, bad, report):
-    root, _ = common.find_root(manual_dir, [["training/multi-modality_images/"]], dataset=self.name)
-    training = common.resolve(root, "training", kind="dir")
-    gt = (common.glob_child(training, "*grading*training*gt*.xlsx", kind="file", what=self.name)
-          or common.glob_child(training, "*_gt.xlsx", kind="file", what=self.name))
+    root, _ = file_discovery.find_root(manual_dir, [["training/multi-modality_images/"]], dataset=self.name)
+    training = file_discovery.resolve(root, "training", kind="dir")
+    gt = (file_discovery.glob_child(training, "*grading*training*gt*.xlsx", kind="file", what=self.name)
+          or file_discovery.glob_child(training, "*_gt.xlsx", kind="file", what=self.name))
     if gt is None:
-      raise common.DatasetInputError(f"{self.name}: {training} lacks glaucoma_grading_training_GT.xlsx; found "
-                                     f"{[p.name for p in common.list_dir(training)]}")
+      raise bad_input.DatasetInputError(f"{self.name}: {training} lacks glaucoma_grading_training_GT.xlsx; found "
+                                        f"{[p.name for p in file_discovery.list_dir(training)]}")
     layout = {"train": self._split(root, training, "train", gt, bad)}
-    testing = common.resolve(root, "testing", kind="dir") or common.resolve(root, "test", kind="dir")
-    if testing is None or common.resolve(testing, "multi-modality_images", kind="dir") is None:
+    testing = file_discovery.resolve(root, "testing", kind="dir") or file_discovery.resolve(root, "test", kind="dir")
+    if testing is None or file_discovery.resolve(testing, "multi-modality_images", kind="dir") is None:
       report.notes.append(f"no testing/multi-modality_images/ in {root}: split 'test' not written")
     else:
-      test_gt = common.glob_child(testing, "*gt*.xlsx", kind="file", what=self.name)
+      test_gt = file_discovery.glob_child(testing, "*gt*.xlsx", kind="file", what=self.name)
       if test_gt is None:
         report.notes.append(f"no *testing_GT.xlsx in {testing}: split 'test' written unlabelled (label -1)")
       layout["test"] = self._split(root, testing, "test", test_gt, bad)
     return layout
 
   def _labels(self, gt: Path, split: str, bad) -> dict[str, tuple[int, str]]:
-    table = common.read_xlsx(gt, dataset=self.name)
+    table = label_tables.read_xlsx(gt, dataset=self.name)
     table.require(["data", *LABEL_COLUMNS], self.name)
     labels = {}
     for line, row in table.rows:
       where = table.where(line)
-      number = common.parse_label(row["data"], range(100000))
+      number = label_tables.parse_label(row["data"], range(100000))
       if number is None:
         bad(split, "bad_row", where, f"data {row['data']!r} is not a case number")
         continue
@@ -166,7 +170,7 @@ class Gamma(MultiImageBuilder):
       if case in labels:
         bad(split, "duplicate_id", where, f"case {case} appears more than once")
         continue
-      one_hot = [common.parse_label(row[c], (0, 1)) for c in LABEL_COLUMNS]
+      one_hot = [label_tables.parse_label(row[c], (0, 1)) for c in LABEL_COLUMNS]
       if None in one_hot or sum(one_hot) != 1:
         labels[case] = (-2, where)  # declared (its folder is not 'unlabelled') but rejected
         bad(split, "unknown_label", where, f"columns {'/'.join(LABEL_COLUMNS)} must be one-hot, got "
@@ -175,9 +179,9 @@ class Gamma(MultiImageBuilder):
       labels[case] = (one_hot.index(1), where)
     return labels
 
-  def _split(self, root: Path, folder: Path, split: str, gt: Path | None, bad) -> list[common.Item]:
-    images = common.resolve(folder, "multi-modality_images", kind="dir")
-    cases = {p.name: p for p in common.list_dir(images) if p.is_dir()}
+  def _split(self, root: Path, folder: Path, split: str, gt: Path | None, bad) -> list[manual_builder.Item]:
+    images = file_discovery.resolve(folder, "multi-modality_images", kind="dir")
+    cases = {p.name: p for p in file_discovery.list_dir(images) if p.is_dir()}
     labels = self._labels(gt, split, bad) if gt is not None else None
     items = []
     if labels is None:
@@ -194,21 +198,21 @@ class Gamma(MultiImageBuilder):
       if case_dir is None:
         bad(split, "missing_image", where, f"case folder {case}/ not found in {images}")
         continue
-      index = common.ImageIndex(case_dir, relative_to=root)
+      index = file_discovery.ImageIndex(case_dir, relative_to=root)
       fundus = index.find(case, bad, split, where)
-      volume_dir = common.resolve(case_dir, case, kind="dir")
+      volume_dir = file_discovery.resolve(case_dir, case, kind="dir")
       slices = []
       if volume_dir is not None:
-        slices = sorted((p for p in common.list_dir(volume_dir)
-                         if p.is_file() and p.suffix.lower() in common.IMAGE_EXTENSIONS),
-                        key=lambda p: common.numeric_sort_key(p.name))
+        slices = sorted((p for p in file_discovery.list_dir(volume_dir)
+                         if p.is_file() and p.suffix.lower() in file_discovery.IMAGE_EXTENSIONS),
+                        key=lambda p: file_discovery.numeric_sort_key(p.name))
       if not slices:
         bad(split, "missing_image", where, f"no OCT volume: expected B-scans {case}/{case}/0_image.jpg ... in "
                                            f"{case_dir}")
         continue
       if fundus is None:
         continue
-      items.append(common.Item(fundus, where, {
+      items.append(manual_builder.Item(fundus, where, {
           "id": case, "file_name": index.relative(fundus), "label": label,
           "oct": ImageJob(process_volume, (tuple(str(p) for p in slices), config.oct_reduce, config.oct_slices),
                           str(volume_dir)),

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.data import dr_grades
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 IDRiD, https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid (CC BY 4.0).
@@ -30,7 +34,7 @@ _ME_CATEGORIES = ("no referable diabetic macular edema", "non clinically signifi
                   "diabetic macular edema")
 
 
-class Idrid(common.ManualRetinaBuilder):
+class Idrid(manual_builder.ManualRetinaBuilder):
   """IDRiD disease grading: 4288×2848 fundus photographs, DR grade 0–4 and risk of macular edema 0–2.
 
   Features beyond the common ones: ``macular_edema_risk`` (ClassLabel: 0 no referable DME,
@@ -48,23 +52,23 @@ class Idrid(common.ManualRetinaBuilder):
     return {"macular_edema_risk": tfds.features.ClassLabel(names=list(_ME_NAMES))}
 
   def _layout(self, manual_dir: Path, bad, report):
-    root, _ = common.find_root(manual_dir, [_ROOT_ANCHORS], dataset=self.name, hints={
+    root, _ = file_discovery.find_root(manual_dir, [_ROOT_ANCHORS], dataset=self.name, hints={
         "idrid_01.jpg": "Found IDRiD_01.jpg-style names: that is part A (segmentation); this builder reads "
                         "part B 'B. Disease Grading'."})
-    originals = common.resolve(root, "1. Original Images", kind="dir")
-    truths = common.resolve(root, "2. Groundtruths", kind="dir")
+    originals = file_discovery.resolve(root, "1. Original Images", kind="dir")
+    truths = file_discovery.resolve(root, "2. Groundtruths", kind="dir")
     layout = {}
     for split, (folder_pattern, csv_pattern) in _SPLITS.items():
-      folder = common.glob_child(originals, folder_pattern, kind="dir", what=self.name)
-      label_file = common.glob_child(truths, csv_pattern, kind="file", what=self.name)
+      folder = file_discovery.glob_child(originals, folder_pattern, kind="dir", what=self.name)
+      label_file = file_discovery.glob_child(truths, csv_pattern, kind="file", what=self.name)
       if folder is None or label_file is None:
-        raise common.DatasetInputError(
+        raise bad_input.DatasetInputError(
             f"{self.name}: {split} split needs a folder matching {folder_pattern!r} in {originals} and a label file "
-            f"matching {csv_pattern!r} in {truths}; found {[p.name for p in common.list_dir(originals)]} and "
-            f"{[p.name for p in common.list_dir(truths)]}")
-      table = common.read_csv(label_file, dataset=self.name)
+            f"matching {csv_pattern!r} in {truths}; found {[p.name for p in file_discovery.list_dir(originals)]} and "
+            f"{[p.name for p in file_discovery.list_dir(truths)]}")
+      table = label_tables.read_csv(label_file, dataset=self.name)
       table.require(["Image name", "Retinopathy grade", "Risk of macular edema"], self.name)
-      index = common.ImageIndex(common.image_dir(folder), relative_to=root)
+      index = file_discovery.ImageIndex(file_discovery.image_dir(folder), relative_to=root)
       items, seen = [], set()
       for line, row in table.rows:
         where = table.where(line)
@@ -73,8 +77,8 @@ class Idrid(common.ManualRetinaBuilder):
           bad(split, "duplicate_id", where, f"Image name {name!r} appears more than once (expected unique names)")
           continue
         seen.add(name.lower())
-        grade = common.parse_label(row["Retinopathy grade"], range(5))
-        risk = common.parse_label(row["Risk of macular edema"], range(3))
+        grade = label_tables.parse_label(row["Retinopathy grade"], range(5))
+        risk = label_tables.parse_label(row["Risk of macular edema"], range(3))
         if grade is None or risk is None:
           bad(split, "unknown_label", where, f"expected Retinopathy grade 0..4 and Risk of macular edema 0..2, got "
                                              f"{row['Retinopathy grade']!r}, {row['Risk of macular edema']!r}")
@@ -83,9 +87,9 @@ class Idrid(common.ManualRetinaBuilder):
         path = index.find(name, bad, split, where)
         if path is None:
           continue
-        items.append(common.Item(path, where, {
+        items.append(manual_builder.Item(path, where, {
             "id": name, "file_name": index.relative(path), "label": grade, "macular_edema_risk": risk,
-            "categories": [common.DR_CATEGORIES[grade], _ME_CATEGORIES[risk]]}))
-      common.check_unlabelled(index, split, bad, table.path)
+            "categories": [dr_grades.DR_CATEGORIES[grade], _ME_CATEGORIES[risk]]}))
+      bad_input.check_unlabelled(index, split, bad, table.path)
       layout[split] = items
     return layout

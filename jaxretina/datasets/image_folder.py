@@ -48,7 +48,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 An image-folder tree as torchvision's ImageFolder reads it, e.g. RETFound's benchmark splits
@@ -64,7 +66,7 @@ SPLIT_FOLDERS = {"train": "train", "val": "validation", "valid": "validation", "
 
 
 @dataclasses.dataclass(eq=False)
-class ImageFolderConfig(common.ManualRetinaConfig):
+class ImageFolderConfig(manual_builder.ManualRetinaConfig):
   """Attributes: see the module docstring (classes as a JSON list; root as a resolved path)."""
 
   root: str = ""
@@ -95,7 +97,7 @@ def _class_list(classes) -> list[str]:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-  return [p for p in common.list_dir(folder) if p.is_dir() and not p.name.startswith(".")]
+  return [p for p in file_discovery.list_dir(folder) if p.is_dir() and not p.name.startswith(".")]
 
 
 def find_tree(manual_dir: Path, *, split: str = "train") -> Tree:
@@ -107,8 +109,8 @@ def find_tree(manual_dir: Path, *, split: str = "train") -> Tree:
   root = Path(manual_dir)
   # Extraction often wraps the tree in single folders (APTOS2019/APTOS2019/train/...): descend while
   # the only entry is a folder that itself holds folders (a lone class folder holds images).
-  for _ in range(common.MAX_SEARCH_DEPTH):
-    entries = [p for p in common.list_dir(root) if not p.name.startswith(".")]
+  for _ in range(file_discovery.MAX_SEARCH_DEPTH):
+    entries = [p for p in file_discovery.list_dir(root) if not p.name.startswith(".")]
     if len(entries) != 1 or not entries[0].is_dir() or entries[0].name.lower() in SPLIT_FOLDERS:
       break
     if not _subdirs(entries[0]):
@@ -116,21 +118,21 @@ def find_tree(manual_dir: Path, *, split: str = "train") -> Tree:
     root = entries[0]
   folders = _subdirs(root)
   if not folders:
-    raise common.DatasetInputError(f"image_folder: no class or split folders in {root}; expected "
-                                   f"<root>/<class>/<image> or <root>/<train|val|test>/<class>/<image>.\n"
-                                   f"Found:\n{common._describe_tree(root)}")  # noqa: SLF001
+    raise bad_input.DatasetInputError(f"image_folder: no class or split folders in {root}; expected "
+                                      f"<root>/<class>/<image> or <root>/<train|val|test>/<class>/<image>.\n"
+                                      f"Found:\n{file_discovery.describe_tree(root)}")
   split_folders = {p: SPLIT_FOLDERS[p.name.lower()] for p in folders if p.name.lower() in SPLIT_FOLDERS}
   if split_folders:
     others = [p.name for p in folders if p not in split_folders]
     if others:
-      raise common.DatasetInputError(f"image_folder: {root} holds split folders "
-                                     f"{sorted(p.name for p in split_folders)} and other folders {others}; expected "
-                                     f"only train/val/test (each holding class folders)")
+      raise bad_input.DatasetInputError(f"image_folder: {root} holds split folders "
+                                        f"{sorted(p.name for p in split_folders)} and other folders {others}; expected "
+                                        f"only train/val/test (each holding class folders)")
     splits = {}
     for folder, name in split_folders.items():
       if name in splits:
-        raise common.DatasetInputError(f"image_folder: {root} holds two folders for split {name!r}: "
-                                       f"{splits[name][0].name} and {folder.name}")
+        raise bad_input.DatasetInputError(f"image_folder: {root} holds two folders for split {name!r}: "
+                                          f"{splits[name][0].name} and {folder.name}")
       splits[name] = (folder, {p.name: p for p in _subdirs(folder)})
   else:
     if not split or "/" in split:
@@ -144,20 +146,20 @@ def _images_below(folder: Path) -> tuple[list[Path], int]:
   """(images in `folder` and its sub-folders in torchvision's walk order, number of other files)."""
   images, others, walked = [], 0, []
   for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-    dirnames[:] = [d for d in dirnames if not common.is_junk(d) and not d.startswith(".")]  # prunes the walk
+    dirnames[:] = [d for d in dirnames if not file_discovery.is_junk(d) and not d.startswith(".")]  # prunes the walk
     walked.append((dirpath, filenames))
   for dirpath, filenames in sorted(walked):
     for name in sorted(filenames):
-      if common.is_junk(name):
+      if file_discovery.is_junk(name):
         continue
-      if Path(name).suffix.lower() in common.IMAGE_EXTENSIONS:
+      if Path(name).suffix.lower() in file_discovery.IMAGE_EXTENSIONS:
         images.append(Path(dirpath) / name)
       else:
         others += 1
   return images, others
 
 
-class ImageFolder(common.ManualRetinaBuilder):
+class ImageFolder(manual_builder.ManualRetinaBuilder):
   """Any torchvision-ImageFolder tree of retinal images (RETFound benchmark splits, GDRBench)."""
 
   name = "image_folder"
@@ -179,7 +181,7 @@ class ImageFolder(common.ManualRetinaBuilder):
       raise ValueError(f"image_folder: configs are made from manual_dir=/classes=/split=, not by name "
                        f"(got config={config!r})")
     if manual_dir is not None and str(manual_dir) != "":
-      manual = common.check_manual_dir(manual_dir, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS).resolve()
+      manual = file_discovery.check_manual_dir(manual_dir, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS).resolve()
       values = {"split": base.split if split is None else str(split),
                 "modality": base.modality if modality is None else str(modality)}
       tree = find_tree(manual, split=values["split"])
@@ -204,11 +206,11 @@ class ImageFolder(common.ManualRetinaBuilder):
 
   def _resolve_manual_dir(self) -> Path:
     if not self.builder_config.root:
-      raise common.DatasetInputError(
+      raise bad_input.DatasetInputError(
           f"{self.name}: the builder was made without manual_dir, so it knows no tree and no class names: construct "
           f"it with manual_dir= (tfds.builder('image_folder', data_dir=..., manual_dir=ROOT)). "
           f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
-    return common.check_manual_dir(self.builder_config.root, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return file_discovery.check_manual_dir(self.builder_config.root, self.name, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
 
   def _layout(self, manual_dir: Path, bad, report):
     config = self.builder_config
@@ -218,8 +220,8 @@ class ImageFolder(common.ManualRetinaBuilder):
     layout = {}
     for split, (split_dir, class_dirs) in sorted(tree.splits.items()):
       items = []
-      stray = [p for p in common.list_dir(split_dir) if p.is_file()
-               and p.suffix.lower() in common.IMAGE_EXTENSIONS]
+      stray = [p for p in file_discovery.list_dir(split_dir) if p.is_file()
+               and p.suffix.lower() in file_discovery.IMAGE_EXTENSIONS]
       for path in stray:
         bad(split, "unlabelled_image", str(path), f"image lies directly in {split_dir}, not in a class folder "
                                                   f"(expected {split_dir}/<class>/<image>)")
@@ -233,7 +235,7 @@ class ImageFolder(common.ManualRetinaBuilder):
           continue
         for path in images:
           within = path.relative_to(split_dir).as_posix()
-          items.append(common.Item(path, str(path), {
+          items.append(manual_builder.Item(path, str(path), {
               "id": within, "file_name": path.relative_to(tree.root).as_posix(), "label": label_of[class_name],
               "dataset": config.dataset}))
       missing = [name for name in names if name not in class_dirs or not any(

@@ -16,7 +16,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.data import dr_grades
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 Messidor-2 images: https://www.adcis.net/en/third-party/messidor2/ (registration; research use). Join and
@@ -33,13 +37,13 @@ _DME_CATEGORIES = ("no diabetic macular edema", "diabetic macular edema")
 
 
 @dataclasses.dataclass(eq=False)
-class Messidor2Config(common.ManualRetinaConfig):
+class Messidor2Config(manual_builder.ManualRetinaConfig):
   """Attributes: drop_ungradable: leave out the images adjudicated ungradable (5-class ``label``)."""
 
   drop_ungradable: bool = False
 
 
-class Messidor2(common.ManualRetinaBuilder):
+class Messidor2(manual_builder.ManualRetinaBuilder):
   """Messidor-2: 874 examinations × 2 eyes, adjudicated DR grade, referable DME and gradability.
 
   Features beyond the common ones: ``dme`` (adjudicated referable DME 0/1, −1 when ungradable),
@@ -60,33 +64,35 @@ class Messidor2(common.ManualRetinaBuilder):
   ]
 
   def _label_names(self):
-    names = common.DR_GRADE_NAMES
-    return names if self.builder_config.drop_ungradable else names + (common.UNGRADABLE,)
+    names = dr_grades.DR_GRADE_NAMES
+    return names if self.builder_config.drop_ungradable else names + (dr_grades.UNGRADABLE,)
 
   def _extra_features(self):
     return {"dme": tfds.features.Scalar(dtype=np.int32, doc="referable DME 0/1; -1 if ungradable"),
             "gradable": tfds.features.Scalar(dtype=np.int32, doc="adjudicated gradability 0/1")}
 
   def _layout(self, manual_dir: Path, bad, report):
-    root, _ = common.find_root(manual_dir, [["IMAGES/"]], dataset=self.name, hints={
+    root, _ = file_discovery.find_root(manual_dir, [["IMAGES/"]], dataset=self.name, hints={
         "*.tif": "Found .tif images: Messidor-1 (1,200 .tif images, Excel grades per base) is a different dataset; "
                  "this builder reads Messidor-2 (IMAGES/ with .png and .JPG).",
         "preprocess": "Found a 'preprocess' folder: the 512x512 images of some Kaggle copies are derivatives; "
                       "this builder reads the ADCIS originals in IMAGES/."})
-    grades = common.read_csv(common.find_file(manual_dir, "messidor_data.csv", dataset=self.name), dataset=self.name)
+    grades_file = file_discovery.find_file(manual_dir, "messidor_data.csv", dataset=self.name)
+    grades = label_tables.read_csv(grades_file, dataset=self.name)
     grades.require(["image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"], self.name)
-    pairing = common.find_file(manual_dir, "messidor-2.csv", dataset=self.name, required=False)
+    pairing = file_discovery.find_file(manual_dir, "messidor-2.csv", dataset=self.name, required=False)
     exams = {}
     if pairing is None:
       report.notes.append(f"no messidor-2.csv below {manual_dir}: patient_id/eye left empty")
     else:
-      table = common.read_csv(pairing, dataset=self.name, delimiter=";")
+      table = label_tables.read_csv(pairing, dataset=self.name, delimiter=";")
       table.require(["left", "right"], self.name)
       for exam, (_, row) in enumerate(table.rows):
         for eye in ("left", "right"):
           if row[eye]:
             exams[row[eye].lower()] = (f"{exam:04d}", eye)
-    index = common.ImageIndex(common.image_dir(common.resolve(root, "IMAGES", kind="dir")), relative_to=root)
+    images = file_discovery.image_dir(file_discovery.resolve(root, "IMAGES", kind="dir"))
+    index = file_discovery.ImageIndex(images, relative_to=root)
     split, items, seen = "test", [], set()
     for line, row in grades.rows:
       where = grades.where(line)
@@ -95,7 +101,7 @@ class Messidor2(common.ManualRetinaBuilder):
         bad(split, "duplicate_id", where, f"image_id {name!r} appears more than once (expected unique ids)")
         continue
       seen.add(name.lower())
-      gradable = common.parse_label(row["adjudicated_gradable"], (0, 1))
+      gradable = label_tables.parse_label(row["adjudicated_gradable"], (0, 1))
       if gradable is None:
         bad(split, "unknown_label", where, f"adjudicated_gradable {row['adjudicated_gradable']!r} is not 0 or 1")
         index.claim(name)
@@ -104,24 +110,24 @@ class Messidor2(common.ManualRetinaBuilder):
       if path is None:
         continue
       if gradable:
-        grade = common.parse_label(row["adjudicated_dr_grade"], range(5))
-        dme = common.parse_label(row["adjudicated_dme"], (0, 1))
+        grade = label_tables.parse_label(row["adjudicated_dr_grade"], range(5))
+        dme = label_tables.parse_label(row["adjudicated_dme"], (0, 1))
         if grade is None or dme is None:
           bad(split, "unknown_label", where, f"gradable image needs adjudicated_dr_grade in 0..4 and adjudicated_dme "
                                              f"in 0/1, got {row['adjudicated_dr_grade']!r}, {row['adjudicated_dme']!r}")
           continue
-        categories, atributes = [common.DR_CATEGORIES[grade], _DME_CATEGORIES[dme]], ["clean"]
+        categories, atributes = [dr_grades.DR_CATEGORIES[grade], _DME_CATEGORIES[dme]], ["clean"]
       else:
         if self.builder_config.drop_ungradable:
           continue
-        grade, dme, categories, atributes = len(common.DR_GRADE_NAMES), -1, [], ["noisy"]
+        grade, dme, categories, atributes = len(dr_grades.DR_GRADE_NAMES), -1, [], ["noisy"]
       patient, eye = exams.get(path.name.lower(), exams.get(name.lower(), ("", "")))
       if pairing is not None and not patient:
         report.notes.append(f"{name} is not in {pairing.name}: patient_id/eye left empty")
-      items.append(common.Item(path, where, {
+      items.append(manual_builder.Item(path, where, {
           "id": name, "file_name": index.relative(path), "label": grade, "dme": dme, "gradable": gradable,
           "patient_id": patient, "eye": eye, "categories": categories, "atributes": atributes}))
-    common.check_unlabelled(index, split, bad, grades.path)
+    bad_input.check_unlabelled(index, split, bad, grades.path)
     if self.builder_config.drop_ungradable:
       report.notes.append("ungradable images left out (drop_ungradable)")
     return {split: items}

@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 MM-Retinal v1 (https://github.com/lxirich/MM-Retinal → Google Drive folder). Download it and extract it in
@@ -42,13 +45,13 @@ _CHINESE_COLUMNS = ("cn_caption", "zh_caption", "ch_caption", "caption_zh", "cap
 
 
 @dataclasses.dataclass(eq=False)
-class MmRetinalConfig(common.ManualRetinaConfig):
+class MmRetinalConfig(manual_builder.ManualRetinaConfig):
   """Attributes: modality: 'cfp', 'ffa' or 'oct' — which image folder and caption table are read."""
 
   modality: str = "cfp"
 
 
-class MmRetinal(common.ManualRetinaBuilder):
+class MmRetinal(manual_builder.ManualRetinaBuilder):
   """MM-Retinal v1: atlas fundus images (CFP / FFA / OCT) with English and Chinese captions."""
 
   name = "mm_retinal"
@@ -83,40 +86,40 @@ class MmRetinal(common.ManualRetinaBuilder):
     """(image folder, caption table) of the configured modality."""
     folder_name = self.builder_config.modality.upper()
     found = []
-    for _, folder in common.walk_dirs(manual_dir):
-      images = common.resolve(folder, folder_name, kind="dir")
+    for _, folder in file_discovery.walk_dirs(manual_dir):
+      images = file_discovery.resolve(folder, folder_name, kind="dir")
       if images is None:
         continue
-      tables = [p for p in common.list_dir(folder) if p.is_file() and p.suffix.lower() in (".csv", ".xlsx")
+      tables = [p for p in file_discovery.list_dir(folder) if p.is_file() and p.suffix.lower() in (".csv", ".xlsx")
                 and p.name.lower().startswith(folder_name.lower())]
       if len(tables) > 1:
         csvs = [p for p in tables if p.suffix.lower() == ".csv"]
         tables = csvs if len(csvs) == 1 else tables
       if len(tables) > 1:
-        raise common.DatasetInputError(f"{self.name}: several caption tables for {folder_name} in {folder}: "
-                                       f"{[p.name for p in tables]}; keep exactly one")
+        raise bad_input.DatasetInputError(f"{self.name}: several caption tables for {folder_name} in {folder}: "
+                                          f"{[p.name for p in tables]}; keep exactly one")
       if tables:
         found.append((images, tables[0]))
     if len(found) == 1:
       return found[0]
     if len(found) > 1:
-      raise common.DatasetInputError(f"{self.name}: several MM-Retinal copies below {manual_dir}: "
-                                     f"{[str(t) for _, t in found]}; keep exactly one")
+      raise bad_input.DatasetInputError(f"{self.name}: several MM-Retinal copies below {manual_dir}: "
+                                        f"{[str(t) for _, t in found]}; keep exactly one")
     # No match: the shared search explains what was found instead.
-    common.find_root(manual_dir, [[f"{folder_name}_translated_v1.csv", f"{folder_name}/"]], dataset=self.name)
+    file_discovery.find_root(manual_dir, [[f"{folder_name}_translated_v1.csv", f"{folder_name}/"]], dataset=self.name)
     raise AssertionError("find_root found a root the modality search missed")
 
   def _layout(self, manual_dir: Path, bad, report):
     images, table_path = self._find(manual_dir)
-    table = (common.read_xlsx(table_path, dataset=self.name) if table_path.suffix.lower() == ".xlsx"
-             else common.read_csv(table_path, dataset=self.name))
+    table = (label_tables.read_xlsx(table_path, dataset=self.name) if table_path.suffix.lower() == ".xlsx"
+             else label_tables.read_csv(table_path, dataset=self.name))
     table.require(["Image_ID", "en_caption"], self.name)
     chinese = next((c for c in table.header if c.lower() in _CHINESE_COLUMNS), None)
     if chinese is None:
       report.notes.append(f"{table_path} has no Chinese caption column ({'/'.join(_CHINESE_COLUMNS)}): "
                           f"caption_zh is ''")
     root = table_path.parent
-    index = common.ImageIndex(common.image_dir(images), relative_to=root)
+    index = file_discovery.ImageIndex(file_discovery.image_dir(images), relative_to=root)
     items, seen = [], set()
     for line, row in table.rows:
       where = table.where(line)
@@ -133,7 +136,7 @@ class MmRetinal(common.ManualRetinaBuilder):
         index.claim(image_id)
         continue
       multipic = row.get("is_multipic", "")
-      multipic_value = common.parse_label(multipic, (0, 1)) if multipic else -1
+      multipic_value = label_tables.parse_label(multipic, (0, 1)) if multipic else -1
       if multipic_value is None:
         bad("train", "bad_row", where, f"is_multipic {multipic!r} is not 0 or 1")
         index.claim(image_id)
@@ -141,8 +144,8 @@ class MmRetinal(common.ManualRetinaBuilder):
       path = index.find(image_id, bad, "train", where)
       if path is None:
         continue
-      items.append(common.Item(path, where, {
+      items.append(manual_builder.Item(path, where, {
           "id": image_id, "file_name": index.relative(path), "caption": row["en_caption"],
           "caption_zh": row[chinese] if chinese else "", "is_multipic": multipic_value}))
-    common.check_unlabelled(index, "train", bad, table_path)
+    bad_input.check_unlabelled(index, "train", bad, table_path)
     return {"train": items}

@@ -30,59 +30,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from jaxretina.data import synthetic_oct
-from jaxretina.datasets import common
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import image_encoding
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
+from jaxretina.datasets import process_pool
 
 
 # ---------------------------------------------------------------------------------------------
 # Records with several image features
 # ---------------------------------------------------------------------------------------------
-def encode_array(array: np.ndarray, options: common.ImageOptions) -> bytes:
-  """uint8 (H, W, C) (C 1 or 3) canvas-resized when ``options.canvas_size`` and encoded as ``options.encoding``."""
-  if options.canvas_size:
-    array = common.canvas_resize_fast(array, options.canvas_size)
-  image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-  buffer = io.BytesIO()
-  if options.encoding == "jpeg":
-    image.save(buffer, format="JPEG", quality=options.jpeg_quality)
-  else:
-    image.save(buffer, format="PNG", compress_level=1)
-  return buffer.getvalue()
-
-
-def load_grey(path: str) -> np.ndarray:
-  """uint8 (H, W) of a verified image file (raises on corrupt/truncated files)."""
-  with Image.open(path) as probe:
-    probe.verify()
-  with Image.open(path) as opened:
-    opened.load()
-    return np.asarray(opened.convert("L"), np.uint8)
-
-
-def process_grey_image(path: str, options: common.ImageOptions) -> tuple[bool, bytes | str]:
-  """(True, encoded grey (S, S, 1) image) or (False, reason): ``common.process_image`` for grey modalities.
-
-  No field-of-view crop: it is defined for fundus photographs, not B-scans.
-  """
-  try:
-    array = load_grey(path)
-  except Exception as e:  # noqa: BLE001  (any decoder failure is a corrupt image)
-    return False, f"corrupt or unreadable image ({type(e).__name__}: {e})"
-  try:
-    return True, encode_array(array[..., None], options)
-  except Exception as e:  # noqa: BLE001
-    return False, f"could not process image ({type(e).__name__}: {e})"
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageJob:
   """How one image feature of a record is made: ``fn(*args, options)`` → (ok, bytes | reason).
@@ -96,7 +60,8 @@ class ImageJob:
   source: str
 
 
-def _run_jobs(jobs: tuple[tuple[str, ImageJob], ...], options: common.ImageOptions) -> list[tuple[str, bool, Any, str]]:
+def _run_jobs(jobs: tuple[tuple[str, ImageJob], ...],
+              options: image_encoding.ImageOptions) -> list[tuple[str, bool, Any, str]]:
   out = []
   for name, job in jobs:
     ok, result = job.fn(*job.args, options)
@@ -106,42 +71,37 @@ def _run_jobs(jobs: tuple[tuple[str, ImageJob], ...], options: common.ImageOptio
   return out
 
 
-class MultiImageBuilder(common.ManualRetinaBuilder, skip_registration=True):
+class MultiImageBuilder(manual_builder.ManualRetinaBuilder, skip_registration=True):
   """A ManualRetinaBuilder whose items carry extra image features.
 
   An item's ``features`` hold, for each extra image feature, an :class:`ImageJob` (declared as a
   ``tfds.features.Image`` in ``_extra_features``); the main ``image`` comes from ``item.path``
-  through ``common.process_image``. A failed job is a ``corrupt_image`` of the whole record.
+  through ``image_encoding.process_image``. A failed job is a ``corrupt_image`` of the whole record.
   """
 
-  def _generate_examples(self, split: str, items: list[common.Item]) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(self, split: str, items: list[manual_builder.Item]) -> Iterator[tuple[str, dict]]:
     options = self.image_options
-    bad = common.BadInputPolicy(self._on_bad_input, self.skip_report)
-    workers = self._num_workers or common.default_num_workers()
+    bad = bad_input.BadInputPolicy(self._on_bad_input, self.skip_report)
+    workers = self._num_workers or process_pool.default_num_workers()
     args = []
     for item in items:
-      jobs = [("image", ImageJob(common.process_image, (str(item.path),), str(item.path)))]
+      jobs = [("image", ImageJob(image_encoding.process_image, (str(item.path),), str(item.path)))]
       jobs += [(k, v) for k, v in item.features.items() if isinstance(v, ImageJob)]
       args.append((tuple(jobs), options))
-    defaults = {"patient_id": "", "eye": "", "modality": self.MODALITY, "dataset": self.DATASET_KEY or self.name,
-                "categories": "[]", "atributes": "[]"}
     written = 0
-    for item, results in zip(items, common.parallel_map(_run_jobs, args, workers)):
+    for item, results in zip(items, process_pool.parallel_map(_run_jobs, args, workers)):
       failed = [(name, result, source) for name, ok, result, source in results if not ok]
       if failed:
         name, reason, source = failed[0]
         bad(split, "corrupt_image", f"{source} ({name!r} of {item.features['id']!r}, declared by {item.where})",
             reason)
         continue
-      example = {**defaults, **item.features, **{name: result for name, _, result, _ in results}}
-      for key in ("categories", "atributes"):
-        if not isinstance(example[key], str):
-          example[key] = json.dumps(list(example[key]), ensure_ascii=False)
+      example = self._example(item, {name: result for name, _, result, _ in results})
       written += 1
       yield example["id"], example
     if not written:
-      raise common.DatasetInputError(f"{self.name}: every record of split {split!r} was skipped "
-                                     f"(see the skip counts: {self.skip_report.counts()})")
+      raise bad_input.DatasetInputError(f"{self.name}: every record of split {split!r} was skipped "
+                                        f"(see the skip counts: {self.skip_report.counts()})")
 
   def grey_image_feature(self, doc: str) -> tfds.features.Image:
     size = self.builder_config.canvas_size
@@ -177,7 +137,7 @@ def eye_id(image_id: str) -> str:
 
 
 @dataclasses.dataclass(eq=False)
-class MmcAmdConfig(common.ManualRetinaConfig):
+class MmcAmdConfig(manual_builder.ManualRetinaConfig):
   """Attributes: split_scheme: ``splitA`` (eye-disjoint) or ``splitAP`` (patient-disjoint) split package.
 
   ``canvas_size`` defaults to 448, MMC-AMD's own (already preprocessed) image size: the images are
@@ -230,11 +190,11 @@ class MmcAmd(MultiImageBuilder):
 
   def _layout(self, manual_dir: Path, bad, report):
     scheme = self.builder_config.split_scheme
-    root, _ = common.find_root(manual_dir, [[f"mmc-amd-{scheme}-train/ImageSets/"],
-                                            [f"mmc-amd-{scheme}-test/ImageSets/"]], dataset=self.name)
+    root, _ = file_discovery.find_root(manual_dir, [[f"mmc-amd-{scheme}-train/ImageSets/"],
+                                                    [f"mmc-amd-{scheme}-test/ImageSets/"]], dataset=self.name)
     layout = {}
     for split, disk in _SPLITS.items():
-      folder = common.resolve(root, f"mmc-amd-{scheme}-{disk}", kind="dir")
+      folder = file_discovery.resolve(root, f"mmc-amd-{scheme}-{disk}", kind="dir")
       if folder is None:
         report.notes.append(f"no mmc-amd-{scheme}-{disk}/ folder in {root}: split {split!r} not written")
         continue
@@ -242,18 +202,18 @@ class MmcAmd(MultiImageBuilder):
     return layout
 
   def _image_folders(self, root: Path, split_folder: Path) -> dict[str, Path]:
-    for base in (common.resolve(root, "mmc-amd/ImageData", kind="dir"),
-                 common.resolve(split_folder, "ImageData", kind="dir")):
+    for base in (file_discovery.resolve(root, "mmc-amd/ImageData", kind="dir"),
+                 file_discovery.resolve(split_folder, "ImageData", kind="dir")):
       if base is None:
         continue
-      cfp = common.glob_child(base, "cfp*", kind="dir", what=self.name)
-      oct_ = common.glob_child(base, "oct*", kind="dir", what=self.name)
+      cfp = file_discovery.glob_child(base, "cfp*", kind="dir", what=self.name)
+      oct_ = file_discovery.glob_child(base, "oct*", kind="dir", what=self.name)
       if cfp is not None and oct_ is not None:
         return {"cfp": cfp, "oct": oct_}
-    raise common.DatasetInputError(
+    raise bad_input.DatasetInputError(
         f"{self.name}: no image folders for {split_folder.name}: expected {root / 'mmc-amd/ImageData'} (or "
         f"{split_folder / 'ImageData'}) holding cfp-clahe-448x448/ and oct-median3x3-448x448/; found in {root}: "
-        f"{[p.name for p in common.list_dir(root)]}")
+        f"{[p.name for p in file_discovery.list_dir(root)]}")
 
   def _read_ids(self, split_folder: Path, modality: str, split: str, bad,
                 rejected: set[str]) -> dict[str, tuple[int, str]]:
@@ -261,18 +221,18 @@ class MmcAmd(MultiImageBuilder):
 
     Ids reported as bad are added to `rejected` (pairs naming them are dropped without a second report).
     """
-    listing = common.resolve(split_folder, f"ImageSets/{modality}.txt", kind="file")
+    listing = file_discovery.resolve(split_folder, f"ImageSets/{modality}.txt", kind="file")
     if listing is None:
-      raise common.DatasetInputError(f"{self.name}: {split_folder} lacks ImageSets/{modality}.txt")
+      raise bad_input.DatasetInputError(f"{self.name}: {split_folder} lacks ImageSets/{modality}.txt")
     lines = [(n, line.strip()) for n, line in enumerate(listing.read_text().splitlines(), 1) if line.strip()]
     annotations = {}
-    annotation_file = common.resolve(split_folder, f"annotations/{modality}.txt", kind="file")
+    annotation_file = file_discovery.resolve(split_folder, f"annotations/{modality}.txt", kind="file")
     if annotation_file is not None:
       rows = [(n, line.split()) for n, line in enumerate(annotation_file.read_text().splitlines(), 1) if line.strip()]
       keyed = all(len(tokens) > 1 for _, tokens in rows)
       if not keyed and len(rows) != len(lines):
-        raise common.DatasetInputError(f"{self.name}: {annotation_file} has {len(rows)} lines but {listing} lists "
-                                       f"{len(lines)} images (expected line-aligned files)")
+        raise bad_input.DatasetInputError(f"{self.name}: {annotation_file} has {len(rows)} lines but {listing} lists "
+                                          f"{len(lines)} images (expected line-aligned files)")
       for k, (n, tokens) in enumerate(rows):
         key = tokens[0] if keyed else lines[k][1]
         annotations[key] = (tokens[-1], f"{annotation_file} line {n}")
@@ -292,7 +252,7 @@ class MmcAmd(MultiImageBuilder):
       label = CLASS_LETTERS.index(parts[1].lower())
       if image_id in annotations:
         value, annotation_where = annotations[image_id]
-        if common.parse_label(value, range(len(CLASS_NAMES))) != label:
+        if label_tables.parse_label(value, range(len(CLASS_NAMES))) != label:
           rejected.add(image_id)
           bad(split, "unknown_label", annotation_where, f"class {value!r} of {image_id!r} disagrees with its class "
                                                         f"letter {parts[1]!r} (expected {label})")
@@ -300,11 +260,11 @@ class MmcAmd(MultiImageBuilder):
       ids[image_id] = (label, where)
     return ids
 
-  def _split(self, root: Path, folder: Path, split: str, bad, report) -> list[common.Item]:
+  def _split(self, root: Path, folder: Path, split: str, bad, report) -> list[manual_builder.Item]:
     images = self._image_folders(root, folder)
     rejected: set[str] = set()
     ids = {m: self._read_ids(folder, m, split, bad, rejected) for m in ("cfp", "oct")}
-    mm = common.resolve(folder, "ImageSets/mm.txt", kind="file")
+    mm = file_discovery.resolve(folder, "ImageSets/mm.txt", kind="file")
     pairs: list[tuple[str, str, str]] = []  # (cfp id, oct id, where)
     if mm is not None:
       for n, line in enumerate(mm.read_text().splitlines(), 1):
@@ -323,7 +283,7 @@ class MmcAmd(MultiImageBuilder):
       for cfp_id, (_, where) in ids["cfp"].items():
         for oct_id in octs_by_eye.get(eye_id(cfp_id), []):
           pairs.append((cfp_id, oct_id, where))
-    index = {m: common.ImageIndex(images[m], relative_to=root) for m in ("cfp", "oct")}
+    index = {m: file_discovery.ImageIndex(images[m], relative_to=root) for m in ("cfp", "oct")}
     items, used, seen = [], {"cfp": set(), "oct": set()}, set()
     for cfp_id, oct_id, where in pairs:
       if cfp_id in rejected or oct_id in rejected:
@@ -347,9 +307,9 @@ class MmcAmd(MultiImageBuilder):
       if cfp_path is None or oct_path is None:
         continue
       label = ids["cfp"][cfp_id][0]
-      items.append(common.Item(cfp_path, where, {
+      items.append(manual_builder.Item(cfp_path, where, {
           "id": record_id, "file_name": index["cfp"].relative(cfp_path), "label": label,
-          "oct": ImageJob(process_grey_image, (str(oct_path),), str(oct_path)),
+          "oct": ImageJob(image_encoding.process_grey_image, (str(oct_path),), str(oct_path)),
           "cfp_id": cfp_id, "oct_id": oct_id, "eye_id": eye_id(cfp_id),
           "oct_file_name": index["oct"].relative(oct_path), "categories": [_CATEGORIES[label]]}))
     for modality in ("cfp", "oct"):

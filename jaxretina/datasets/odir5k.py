@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxretina.datasets import common
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import label_tables
+from jaxretina.datasets import manual_builder
 
 _INSTRUCTIONS = """\
 ODIR-5K, either layout:
@@ -41,7 +44,7 @@ _COLUMNS = ["ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus", "
 _OFFICIAL_SPLITS = {"train": "Training Set", "test": "Off-site Test Set", "onsite_test": "On-site Test Set"}
 
 
-class Odir5k(common.ManualRetinaBuilder):
+class Odir5k(manual_builder.ManualRetinaBuilder):
   """ODIR-5K: left/right colour fundus photographs of 5,000 patients with diagnostic keywords.
 
   Features beyond the common ones: ``patient_labels`` (int32 (8,), multi-hot N D G C A H M O of the
@@ -69,38 +72,38 @@ class Odir5k(common.ManualRetinaBuilder):
     }
 
   def _layout(self, manual_dir: Path, bad, report):
-    root, kind = common.find_root(manual_dir, [["Training Set/Annotation/", "Training Set/Images/"],
-                                               ["data.xlsx", "Training Images/"]], dataset=self.name, hints={
+    root, kind = file_discovery.find_root(manual_dir, [["Training Set/Annotation/", "Training Set/Images/"],
+                                                       ["data.xlsx", "Training Images/"]], dataset=self.name, hints={
         "full_df.csv": "Found full_df.csv: the Kaggle mirror's per-image table of its 512 px preprocessed_images is "
                        "not read; keep ODIR-5K/ODIR-5K/data.xlsx and 'Training Images/' from the same download."})
     layout = {}
     if kind == 0:
       for split, folder_name in _OFFICIAL_SPLITS.items():
-        folder = common.resolve(root, folder_name, kind="dir")
+        folder = file_discovery.resolve(root, folder_name, kind="dir")
         if folder is None:
           report.notes.append(f"no '{folder_name}' folder in {root}: split {split!r} not written")
           continue
-        annotation_dir = common.resolve(folder, "Annotation", kind="dir")
-        images = common.resolve(folder, "Images", kind="dir")
+        annotation_dir = file_discovery.resolve(folder, "Annotation", kind="dir")
+        images = file_discovery.resolve(folder, "Images", kind="dir")
         workbook = None
         if annotation_dir is not None:
-          workbook = (common.glob_child(annotation_dir, "*english*.xlsx", kind="file", what=self.name)
-                      or common.glob_child(annotation_dir, "*.xlsx", kind="file", what=self.name))
+          workbook = (file_discovery.glob_child(annotation_dir, "*english*.xlsx", kind="file", what=self.name)
+                      or file_discovery.glob_child(annotation_dir, "*.xlsx", kind="file", what=self.name))
         if workbook is None or images is None:
-          raise common.DatasetInputError(f"{self.name}: {folder} needs Images/ and an Annotation/*.xlsx workbook; "
-                                         f"found {[p.name for p in common.list_dir(folder)]}")
-        layout[split] = self._rows(root, split, common.read_xlsx(workbook, dataset=self.name), images, bad)
+          raise bad_input.DatasetInputError(f"{self.name}: {folder} needs Images/ and an Annotation/*.xlsx workbook; "
+                                            f"found {[p.name for p in file_discovery.list_dir(folder)]}")
+        layout[split] = self._rows(root, split, label_tables.read_xlsx(workbook, dataset=self.name), images, bad)
     else:
-      layout["train"] = self._rows(root, "train", common.read_xlsx(common.resolve(root, "data.xlsx", kind="file"),
-                                                                   dataset=self.name),
-                                   common.resolve(root, "Training Images", kind="dir"), bad)
-      if common.resolve(root, "Testing Images", kind="dir") is not None:
+      workbook = file_discovery.resolve(root, "data.xlsx", kind="file")
+      layout["train"] = self._rows(root, "train", label_tables.read_xlsx(workbook, dataset=self.name),
+                                   file_discovery.resolve(root, "Training Images", kind="dir"), bad)
+      if file_discovery.resolve(root, "Testing Images", kind="dir") is not None:
         report.notes.append("Kaggle 'Testing Images/' carry no labels: not written")
     return layout
 
-  def _rows(self, root: Path, split: str, table: common.Table, folder: Path, bad) -> list[common.Item]:
+  def _rows(self, root: Path, split: str, table: label_tables.Table, folder: Path, bad) -> list[manual_builder.Item]:
     table.require(_COLUMNS, self.name)
-    index = common.ImageIndex(common.image_dir(folder), relative_to=root)
+    index = file_discovery.ImageIndex(file_discovery.image_dir(folder), relative_to=root)
     items, patients, names = [], set(), set()
     for line, row in table.rows:
       where = table.where(line)
@@ -110,14 +113,14 @@ class Odir5k(common.ManualRetinaBuilder):
                                           f"patient)")
         continue
       patients.add(patient)
-      labels = [common.parse_label(row[letter], (0, 1)) for letter in LABEL_LETTERS]
+      labels = [label_tables.parse_label(row[letter], (0, 1)) for letter in LABEL_LETTERS]
       if any(v is None for v in labels):
         bad(split, "unknown_label", where, f"columns {'/'.join(LABEL_LETTERS)} must be 0 or 1, got "
                                            f"{[row[letter] for letter in LABEL_LETTERS]}")
         index.claim(row["Left-Fundus"])
         index.claim(row["Right-Fundus"])
         continue
-      age = common.parse_label(row["Patient Age"], range(0, 150)) if row["Patient Age"] else -1
+      age = label_tables.parse_label(row["Patient Age"], range(0, 150)) if row["Patient Age"] else -1
       for eye, prefix in (("left", "Left"), ("right", "Right")):
         name = row[f"{prefix}-Fundus"]
         if not name:
@@ -131,10 +134,10 @@ class Odir5k(common.ManualRetinaBuilder):
         if path is None:
           continue
         keywords = row[f"{prefix}-Diagnostic Keywords"]
-        items.append(common.Item(path, where, {
+        items.append(manual_builder.Item(path, where, {
             "id": name, "file_name": index.relative(path), "patient_id": patient, "eye": eye,
             "patient_labels": np.asarray(labels, np.int32), "keywords": keywords,
             "patient_age": -1 if age is None else age, "patient_sex": row["Patient Sex"],
             "categories": [k.strip() for k in keywords.split("\uff0c") if k.strip()]}))
-    common.check_unlabelled(index, split, bad, table.path)
+    bad_input.check_unlabelled(index, split, bad, table.path)
     return items

@@ -24,19 +24,12 @@ named after its values (so different sizes never share a directory).
 from __future__ import annotations
 
 import dataclasses
-import io
-from typing import Iterator
 
-from etils import epath
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from jaxretina.data import imaging
 from jaxretina.data import synthetic_oct
-from jaxretina.datasets import common
-from jaxretina.datasets import synthetic_retina
-
-_SPLIT_SEED_OFFSETS = {"train": 0, "test": 1}
-_SIZE_KEYS = ("image_size", "num_train", "num_test", "seed")
+from jaxretina.datasets.synthetic_builder import SyntheticBuilder
 
 
 @dataclasses.dataclass(eq=False)
@@ -59,25 +52,14 @@ class SyntheticFundusOctConfig(tfds.core.BuilderConfig):
   num_workers: int = 0  # 0 = min(cpu count, 4)
 
 
-def _config_name(image_size, num_train, num_test, seed) -> str:
-  return f"s{image_size}_tr{num_train}_te{num_test}_seed{seed}"
-
-
-def _png(array) -> bytes:
-  buffer = io.BytesIO()
-  # Fixed compression settings: the encoded bytes (and so the files) are reproducible.
-  Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG", compress_level=1)
-  return buffer.getvalue()
-
-
 def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> list[tuple[int, dict]]:
   """Renders and PNG-encodes examples [start, stop); module-level so worker processes can run it."""
   out = []
   for index in range(start, stop):
     example = synthetic_oct.render_example(split_seed, index, image_size)
     out.append((index, {
-        "image": _png(example["image"]),
-        "oct": _png(example["oct"]),
+        "image": imaging.encode(example["image"]),
+        "oct": imaging.encode(example["oct"]),
         "label": example["label"],
         "id": example["id"],
         "eye": example["eye"],
@@ -86,7 +68,7 @@ def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> li
   return out
 
 
-class SyntheticFundusOct(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilder):
+class SyntheticFundusOct(SyntheticBuilder):
   """Deterministic paired synthetic colour fundus + OCT B-scan eyes, MMC-AMD's four classes."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -99,41 +81,10 @@ class SyntheticFundusOct(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilde
                                description="32 px; 32 train / 16 test, for tests."),
   ]
   DEFAULT_CONFIG_NAME = "default"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS' own lookup touches `importlib_resources` (not installed: tensorflow-free stack) for
-    # builders outside its package; this file is the answer it is looking for.
-    return epath.Path(__file__)
-
-  def __init__(self, *, config=None, image_size: int | None = None, num_train: int | None = None,
-               num_test: int | None = None, seed: int | None = None, num_workers: int | None = None, **kwargs):
-    """Accepts a config name/object, or size keywords that override the named (or default) config."""
-    overrides = {k: v for k, v in dict(image_size=image_size, num_train=num_train, num_test=num_test,
-                                       seed=seed).items() if v is not None}
-    # The worker count does not change the data, so it is not part of the config (whose name is
-    # the dataset's identity on disk): a named config with only `num_workers` stays that config.
-    self._num_workers = None if num_workers is None else int(num_workers)
-    if overrides:
-      if isinstance(config, SyntheticFundusOctConfig):
-        base = config
-      elif (config or self.DEFAULT_CONFIG_NAME) in self.builder_configs:
-        base = self.builder_configs[config or self.DEFAULT_CONFIG_NAME]
-      else:
-        raise ValueError(f"synthetic_fundus_oct: unknown config {config!r}; known: {sorted(self.builder_configs)}")
-      values = {k: getattr(base, k) for k in _SIZE_KEYS}
-      values.update(overrides)
-      for key, value in values.items():
-        if int(value) < 0 or (key != "seed" and int(value) < 1):
-          raise ValueError(f"synthetic_fundus_oct: {key} must be positive, got {value}")
-      if int(values["image_size"]) < 16:
-        raise ValueError(f"synthetic_fundus_oct: image_size must be >= 16, got {values['image_size']}")
-      config = SyntheticFundusOctConfig(name=_config_name(**values), version=self.VERSION,
-                                        num_workers=base.num_workers,
-                                        description=f"{values['image_size']} px; custom split sizes.",
-                                        **{k: int(v) for k, v in values.items()})
-    super().__init__(config=config, **kwargs)
+  CONFIG_CLASS = SyntheticFundusOctConfig
+  SIZE_KEYS = ("image_size", "num_train", "num_test", "seed")
+  SPLIT_SEED_OFFSETS = {"train": 0, "test": 1}
+  render_chunk = staticmethod(_render_chunk)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -152,15 +103,3 @@ class SyntheticFundusOct(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilde
         supervised_keys=None,  # two inputs: (image, oct) -> label
         homepage="https://github.com/jaxretina (generated locally)",
     )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train),
-            "test": self._generate_examples("test", cfg.num_test)}
-
-  def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
-    cfg = self.builder_config
-    split_seed = 1000 * cfg.seed + _SPLIT_SEED_OFFSETS[split]
-    yield from synthetic_retina.generate_in_chunks(_render_chunk, split_seed, num_examples, cfg.image_size,
-                                                   self._num_workers or cfg.num_workers)

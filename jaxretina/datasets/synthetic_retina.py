@@ -27,24 +27,15 @@ named after its values (so different sizes never share a directory).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import io
 import json
-import multiprocessing
-import os
-from typing import Iterator
 
 import numpy as np
-from etils import epath
 import tensorflow_datasets as tfds
-from PIL import Image
 
+from jaxretina.data import imaging
 from jaxretina.data import synthetic
-from jaxretina.datasets import common
-
-_SPLIT_SEED_OFFSETS = {"train": 0, "test": 1, "expert": 2}
-_CHUNK = 64  # examples per worker task: large enough to amortise IPC, small enough to stream
+from jaxretina.datasets.synthetic_builder import SyntheticBuilder
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,37 +60,14 @@ class SyntheticRetinaConfig(tfds.core.BuilderConfig):
   num_workers: int = 0  # 0 = min(cpu count, 4)
 
 
-def _config_name(image_size, num_train, num_test, num_expert, seed) -> str:
-  return f"s{image_size}_tr{num_train}_te{num_test}_ex{num_expert}_seed{seed}"
-
-
-def generate_in_chunks(render_chunk, split_seed: int, num_examples: int, image_size: int,
-                       num_workers: int = 0) -> Iterator[tuple[int, dict]]:
-  """Yields ``render_chunk(split_seed, start, stop, image_size)``'s examples in order, chunk by chunk,
-  over a spawn process pool (``num_workers`` 0 = up to 4 CPUs). ``render_chunk`` must be picklable."""
-  chunks = [(split_seed, start, min(start + _CHUNK, num_examples), image_size)
-            for start in range(0, num_examples, _CHUNK)]
-  workers = min(num_workers or min(os.cpu_count() or 1, 4), len(chunks))
-  if workers <= 1:
-    for chunk in chunks:
-      yield from render_chunk(*chunk)
-    return
-  # 'spawn': the caller may already run JAX threads, which fork would copy into a broken state.
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    for rendered in pool.map(render_chunk, *zip(*chunks)):
-      yield from rendered
-
 
 def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> list[tuple[int, dict]]:
   """Renders and PNG-encodes examples [start, stop); module-level so worker processes can run it."""
   out = []
   for index in range(start, stop):
     example = synthetic.render_example(split_seed, index, image_size)
-    buffer = io.BytesIO()
-    # Fixed compression settings: the encoded bytes (and so the files) are reproducible.
-    Image.fromarray(example["image"]).save(buffer, format="PNG", compress_level=1)
     out.append((index, {
-        "image": buffer.getvalue(),
+        "image": imaging.encode(example["image"]),
         "categories": json.dumps(example["categories"]),
         "atributes": json.dumps(example["atributes"]),
         "caption": example["caption"],
@@ -110,7 +78,7 @@ def _render_chunk(split_seed: int, start: int, stop: int, image_size: int) -> li
   return out
 
 
-class SyntheticRetina(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilder):
+class SyntheticRetina(SyntheticBuilder):
   """Deterministic synthetic colour-fundus photographs with FLAIR-style labels and captions."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -123,41 +91,10 @@ class SyntheticRetina(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilder):
                             description="32 px; 48 / 16 / 16, for tests."),
   ]
   DEFAULT_CONFIG_NAME = "default"
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS' own lookup touches `importlib_resources` (not installed: tensorflow-free stack) for
-    # builders outside its package; this file is the answer it is looking for.
-    return epath.Path(__file__)
-
-  def __init__(self, *, config=None, image_size: int | None = None, num_train: int | None = None,
-               num_test: int | None = None, num_expert: int | None = None, seed: int | None = None,
-               num_workers: int | None = None, **kwargs):
-    """Accepts a config name/object, or size keywords that override the named (or default) config."""
-    overrides = {k: v for k, v in dict(image_size=image_size, num_train=num_train, num_test=num_test,
-                                       num_expert=num_expert, seed=seed).items() if v is not None}
-    # Worker count changes how fast, not what, is generated: it stays off the config (and its name).
-    self._num_workers = None if num_workers is None else int(num_workers)
-    if overrides:
-      if isinstance(config, SyntheticRetinaConfig):
-        base = config
-      elif (config or self.DEFAULT_CONFIG_NAME) in self.builder_configs:
-        base = self.builder_configs[config or self.DEFAULT_CONFIG_NAME]
-      else:
-        raise ValueError(f"synthetic_retina: unknown config {config!r}; known: {sorted(self.builder_configs)}")
-      values = {k: getattr(base, k) for k in ("image_size", "num_train", "num_test", "num_expert", "seed")}
-      values.update(overrides)
-      for key, value in values.items():
-        if int(value) < 0 or (key in ("image_size", "num_train", "num_test") and int(value) < 1):
-          raise ValueError(f"synthetic_retina: {key} must be positive, got {value}")
-      if int(values["image_size"]) < 16:
-        raise ValueError(f"synthetic_retina: image_size must be >= 16, got {values['image_size']}")
-      config = SyntheticRetinaConfig(name=_config_name(**values), version=self.VERSION,
-                                     num_workers=base.num_workers,
-                                     description=f"{values['image_size']} px; custom split sizes.",
-                                     **{k: int(v) for k, v in values.items()})
-    super().__init__(config=config, **kwargs)
+  CONFIG_CLASS = SyntheticRetinaConfig
+  SIZE_KEYS = ("image_size", "num_train", "num_test", "num_expert", "seed")
+  SPLIT_SEED_OFFSETS = {"train": 0, "test": 1, "expert": 2}
+  render_chunk = staticmethod(_render_chunk)
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
@@ -176,17 +113,6 @@ class SyntheticRetina(common.LocalInfoBuilder, tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/jaxretina (generated locally)",
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    cfg = self.builder_config
-    sizes = {"train": cfg.num_train, "test": cfg.num_test, "expert": cfg.num_expert}
-    return {split: self._generate_examples(split, n) for split, n in sizes.items() if n > 0}
-
-  def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
-    cfg = self.builder_config
-    split_seed = 1000 * cfg.seed + _SPLIT_SEED_OFFSETS[split]
-    yield from generate_in_chunks(_render_chunk, split_seed, num_examples, cfg.image_size,
-                                  self._num_workers or cfg.num_workers)
 
 
 def example_lists(record: dict) -> tuple[list[str], list[str]]:

@@ -1,4 +1,4 @@
-"""The ``transfer`` evaluator: FLAIR's transfer protocol (``jaxretina.evaluate``) on the model being trained.
+"""The ``transfer`` evaluator: FLAIR's transfer protocol (``jaxretina.transfer``) on the model being trained.
 
 In a contrastive config::
 
@@ -6,11 +6,12 @@ In a contrastive config::
                  odir=dict(type="transfer", method="zero_shot", experiment="08_ODIR200x3",
                            data=dict(dataframe_dir="/data/dataframes", root="/data/FLAIR")))
 
-Every key except ``type`` overrides the field of the same name in ``configs/transfer.py`` (built
-for the entry's ``experiment`` and ``method``; nested dicts override nested fields). Results are
-written under ``<workdir>/eval/<name>/step_<N>/``; the returned metrics are the fold means of
-FLAIR's summary keys. Features are extracted anew at every evaluation (the weights change), so no
-feature cache is kept unless the entry sets ``cache_dir``.
+Every key except ``type`` overrides the field of the same name in the protocol's config
+(``jaxretina.transfer.protocol.get_config``, built for the entry's ``experiment`` and ``method``;
+nested dicts override nested fields). Results are written under ``<workdir>/eval/<name>/step_<N>/``
+(``name``: the entry's ``name_in_workdir``, else ``transfer_<experiment>_<method>``); the returned
+metrics are the fold means of FLAIR's summary keys. Features are extracted anew at every evaluation
+(the weights change), so no feature cache is kept unless the entry sets ``cache_dir``.
 """
 
 from __future__ import annotations
@@ -19,61 +20,60 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from jaxretina import fileio
-from jaxretina.evaluators import register
+from jaxretina.evaluators.zero_shot import TwoTowerRun
+from jaxretina.transfer import protocol, runner
 
 
-def protocol_config(cfg) -> Any:
-  """``configs/transfer.py`` for ``cfg``'s experiment/method with ``cfg``'s other keys applied."""
-  from jaxretina.configlib import load_config_module
-
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                      "transfer.py")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"the transfer evaluator needs configs/transfer.py (looked at {path})")
+def protocol_config(cfg) -> ml_collections.ConfigDict:
+  """The protocol's config for ``cfg``'s experiment/method with ``cfg``'s other keys applied."""
   fields = dict(cfg)
   fields.pop("type", None)
+  fields.pop("name_in_workdir", None)
   arg = ",".join(f"{k}={fields.pop(k)}" for k in ("experiment", "method") if k in fields)
-  config = load_config_module(path).get_config(arg or None)
+  config = protocol.get_config(arg or None)
   config.cache_dir = ""
   with config.unlocked():
-    _override(config, fields, "config.evals.<name>")
+    protocol.override(config, fields, "config.evals.<name>")
   return config
 
 
-_FREE_DICTS = ("builder_kwargs",)  # dict-valued fields replaced whole, not merged field by field
+class TransferEvaluator:
+  """The transfer protocol on a two-tower model's weights (``config.evals.<name>``, see the module docstring).
 
+  Args:
+    cfg: the ``config.evals`` entry.
+    workdir: the reports go under ``<workdir>/eval/...`` (the current directory when None).
+    mesh: feature extraction and fine-tuning run on it.
+    model: the ``flair.TwoTower`` being trained.
+    tokenizer, max_length: how the class prompts are tokenised.
+    prompt: ``template``, ``domain_knowledge``, ``variant`` of the class prompts (``zero_shot.prompt_of``).
+    classes: the run's zero-shot classes (may be empty).
+    image_size: the training resolution (the protocol's default image size).
+  """
 
-def _override(node, fields: dict, where: str) -> None:
-  import ml_collections
+  def __init__(self, cfg, *, workdir: str | None, mesh, model, tokenizer, max_length: int, prompt: dict,
+               classes: list, image_size: int):
+    self.config = protocol_config(cfg)
+    self.name = cfg.get("name_in_workdir") or f"transfer_{self.config.experiment}_{self.config.method}"
+    self.workdir = workdir
+    self.mesh = mesh
+    self.model = model
+    self.tokenizer = tokenizer
+    self.max_length = int(max_length)
+    self.prompt = dict(prompt)
+    self.classes = list(classes)
+    self.image_size = int(image_size)
 
-  for key, value in fields.items():
-    if key not in node:
-      raise ValueError(f"{where}.{key}: not a field of configs/transfer.py; valid: {', '.join(sorted(node.keys()))}")
-    if isinstance(node[key], ml_collections.ConfigDict) and key not in _FREE_DICTS:
-      _override(node[key], dict(value), f"{where}.{key}")
-    else:
-      node[key] = value
-
-
-@register("transfer")
-def transfer(task, variables, mesh, cfg) -> dict[str, float]:
-  from jaxretina import evaluate, restore
-
-  config = protocol_config(cfg)
-  tc = task.config
-  own = next((dict(e) for e in (tc.get("evals") or {}).values() if e.get("type") == "zero_shot"), {})
-  prompt = dict(template=own.get("template") or "A fundus photograph of [CLS]",
-                domain_knowledge=bool(own.get("domain_knowledge", True)), variant=own.get("variant", "flair"))
-  run = restore.TwoTowerRun(model=task.model, variables=jax.tree.map(np.asarray, jax.device_get(variables)),
-                            tokenizer=task.tokenizer, max_length=int(tc.text.max_length), prompt=prompt,
-                            classes=list(own.get("classes") or []), image_size=int(tc.data.image_size),
-                            source="training", description="the model being trained")
-  step = getattr(task, "eval_step", 0)
-  name = cfg.get("name_in_workdir") or f"transfer_{config.experiment}_{config.method}"
-  workdir = getattr(task, "workdir", None) or os.getcwd()
-  out_dir = fileio.join(workdir, "eval", name, f"step_{step}")  # a gs:// workdir stays a URL
-  result = evaluate.run_protocol(run, config, mesh, out_dir, log=lambda _: None)
-  return {k: v["mean"] for k, v in result["summary"].items() if k in evaluate.SUMMARY_KEYS}
+  def run(self, variables, step: int) -> dict[str, Any]:
+    """Fold means of FLAIR's summary metrics; the reports go under ``step_<step>``."""
+    run = TwoTowerRun(model=self.model, variables=jax.tree.map(np.asarray, jax.device_get(variables)),
+                      tokenizer=self.tokenizer, max_length=self.max_length, prompt=self.prompt,
+                      classes=self.classes, image_size=self.image_size, source="training",
+                      description="the model being trained")
+    out_dir = fileio.join(self.workdir or os.getcwd(), "eval", self.name, f"step_{step}")  # gs:// stays a URL
+    result = runner.run_protocol(run, self.config, self.mesh, out_dir, log=lambda _: None)
+    return {k: v["mean"] for k, v in result["summary"].items() if k in protocol.SUMMARY_KEYS}

@@ -48,6 +48,20 @@ def torch_path_to_flax(key: str) -> tuple[str, ...]:
 _KERNEL_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}
 
 
+
+def flax_path_to_torch(path: tuple[str, ...]) -> str:
+  """Inverse of ``torch_path_to_flax``: ``('layer1_0', 'bn1')`` → ``'layer1.0.bn1'``."""
+  parts = []
+  for p in path:
+    m = re.fullmatch(r"(.+?)((?:_-?\d+)+)", p)
+    if m:
+      parts.append(m.group(1))
+      parts.extend(m.group(2)[1:].split("_"))
+    else:
+      parts.append(p)
+  return ".".join(parts)
+
+
 def torch_to_flax_array(value: np.ndarray, flax_leaf: str, target_shape: tuple[int, ...]) -> np.ndarray:
   """Re-lays a torch tensor for a Flax leaf: conv OI[D]HW → [D]HWIO, linear (out,in) → (in,out)."""
   value = np.asarray(value)

@@ -31,14 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxretina.data import dr_grades
 from jaxretina.models import cbam, convert, flair, resnet
 from jaxretina.models.layers import BatchNorm, Conv2d, Linear, l2_normalize
 
 Dtype = Any
 
 # The notebook's class order (APTOS / Messidor-2 DR grades) and its hyper-parameters.
-DR_CATEGORIES = ("no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
-                 "severe diabetic retinopathy", "proliferative diabetic retinopathy")
+DR_CATEGORIES = dr_grades.DR_CATEGORIES
 CONTRASTIVE_TEMPERATURE = 0.2  # the notebook's global ``temperature`` overrides the method default 0.1
 FOCAL_WEIGHT = 0.7  # the notebook's ``alpha``: loss = alpha·focal + (1 − alpha)·contrastive
 CONTRASTIVE_SCALE = 0.01  # ``compute_contrastive_loss`` multiplies its CE by 0.01

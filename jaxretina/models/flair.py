@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretina.models import bert, convert, layers
+from jaxretina.models import resnet
 
 Dtype = Any
 
@@ -487,8 +488,6 @@ def two_tower_from_constructor(constructor: Mapping[str, Any], bert_config: Mapp
     bert_config: a ``BertConfig`` or its dict (HF ``config.json`` fields).
     overrides: ``TwoTower`` fields (e.g. ``knowledge_attention=True``, ``softmax_over_heads=True``).
   """
-  from jaxretina.models import resnet
-
   vision_type = constructor.get("vision_type", "resnet_v1")
   if vision_type not in ("resnet_v1", "resnet_v2"):
     raise ValueError(f"two_tower_from_constructor: vision_type={vision_type!r} is not supported "

@@ -357,14 +357,12 @@ def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Inverse of ``from_torch``: Flax variables → torchvision-style ``state_dict`` of numpy arrays."""
   from flax import traverse_util
 
-  from jaxretina.parity import flax_path_to_torch
-
   leaf = {("params", "kernel"): "weight", ("params", "scale"): "weight", ("params", "bias"): "bias",
           ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var",
           ("batch_stats", "num_batches_tracked"): "num_batches_tracked"}
   out = {}
   for path, v in traverse_util.flatten_dict(dict(variables)).items():
-    key = f"{flax_path_to_torch(path[1:-1])}.{leaf[(path[0], path[-1])]}"
+    key = f"{convert.flax_path_to_torch(path[1:-1])}.{leaf[(path[0], path[-1])]}"
     v = np.asarray(v)
     if path[-1] == "kernel":
       v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T

@@ -23,6 +23,8 @@ import traceback
 from typing import Any, Callable, Mapping
 
 import numpy as np
+from jaxretina.models import convert
+from jaxretina.train.state import TrainState
 
 Handler = Callable[["Case"], Mapping[str, Any]]
 MASK_PREFIX = "params_after_mask/"
@@ -225,21 +227,6 @@ def state_after(variables: Mapping[str, Any], to_torch_key: Callable[[tuple[str,
   return out
 
 
-def flax_path_to_torch(path: tuple[str, ...]) -> str:
-  """Inverse of ``convert.torch_path_to_flax``: ``('layer1_0', 'bn1')`` → ``'layer1.0.bn1'``."""
-  import re
-
-  parts = []
-  for p in path:
-    m = re.fullmatch(r"(.+?)((?:_-?\d+)+)", p)
-    if m:
-      parts.append(m.group(1))
-      parts.extend(m.group(2)[1:].split("_"))
-    else:
-      parts.append(p)
-  return ".".join(parts)
-
-
 def train_step_outputs(case: Case, placement: Mapping[str, tuple[str, ...]], *, grads: Any, params: Any,
                        batch_stats: Any, loss: Any, terms: Mapping[str, Any] = (),
                        extra: Mapping[str, Any] = ()) -> dict[str, np.ndarray]:
@@ -252,8 +239,6 @@ def train_step_outputs(case: Case, placement: Mapping[str, tuple[str, ...]], *, 
   gradient-free parameters have none). ``terms``: ``loss/<name>`` values; ``extra``: any other
   outputs by their fixture name (``clip/total_norm``, ``state_after/feature_center``, ...).
   """
-  from jaxretina.models import convert
-
   shapes = {k: np.shape(v) for k, v in case.weights.items()}
   out: dict[str, np.ndarray] = {"loss": np.asarray(loss)}
   out.update({f"loss/{k}": np.asarray(v) for k, v in dict(terms).items()})
@@ -282,8 +267,6 @@ def start_state(case: Case, task, variables: Mapping[str, Any], *, step: int = 0
   import jax
   import jax.numpy as jnp
   import optax
-
-  from jaxretina.train.loop import TrainState
 
   want = float(case.meta["optimizer"]["lr_at_step"])
   lr = float(task.schedule(step))

@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 import time
+from jaxretina import parity
+from jaxretina.parity import hf_bert
 
 
 def main(argv=None) -> int:
@@ -23,16 +25,12 @@ def main(argv=None) -> int:
   import jax
 
   jax.config.update("jax_default_matmul_precision", "highest")
-  from jaxretina import parity
-
   passed = failed = 0
   for path in args.paths:
     t0 = time.perf_counter()
     if os.path.isfile(os.path.join(path, "meta.json")) or not os.path.isfile(os.path.join(path, "config.json")):
       result = parity.run_case(path)
     else:
-      from jaxretina.parity import hf_bert
-
       result = hf_bert.run_hf_bert_dir(path)
     dt = time.perf_counter() - t0
     status = "PASS" if result.passed else "FAIL"

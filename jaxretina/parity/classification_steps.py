@@ -20,12 +20,14 @@ from flax import traverse_util
 
 from jaxretina import parity
 from jaxretina.configlib import classification_config
+from jaxretina.systems import build_classification_system
+from jaxretina.train.classification import ClassificationTask, parse_fields
 
 
 def resnet_fields(backbone) -> dict:
-  """The ``config.model`` ResNet fields (``classifiers._backbone``) of a ``resnet.ResNet``."""
+  """The ``config.model`` ResNet fields (``systems.base.resnet_backbone``) of a ``resnet.ResNet``."""
   if backbone.groups != 1:
-    raise ValueError(f"grouped ResNet convs (groups={backbone.groups}) are not configurable in the classifiers")
+    raise ValueError(f"grouped ResNet convs (groups={backbone.groups}) are not configurable in the systems")
   return dict(block=backbone.block, layers=list(backbone.layers), base_width=int(backbone.base_width),
               width_per_group=int(backbone.width_per_group))
 
@@ -106,10 +108,7 @@ def build(case: parity.Case, config: ml_collections.ConfigDict,
   ``convert(module, placement)`` converts ``case.weights`` for the classifier's module, filling
   ``placement`` (torch key → Flax path).
   """
-  from jaxretina.train import classifiers
-  from jaxretina.train.classification import ClassificationTask, parse_fields
-
-  module = classifiers.build(config, int(config.data.num_classes), parse_fields(config.data.fields)).module
+  module = build_classification_system(config, int(config.data.num_classes), parse_fields(config.data.fields)).module
   placement: dict = {}
   variables = convert(module, placement)
   config.optimizer.frozen = frozen_patterns(case, placement, outside_model=outside_model)

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxretina import parity
 from jaxretina.models import bira, resnet
+from jaxretina.parity import classification_steps as steps
 
 REPO = "ISS-Kerui/BIRA-NET-BILINEAR-ATTENTION-NET-FOR-DIABETIC-RETINOPATHY-GRADING"
 
@@ -51,8 +52,6 @@ def bira_train_step(case: parity.Case) -> dict:
   SGD over the parameters ``meta.frozen`` leaves out, every BatchNorm in train mode (frozen
   ones included). The fixture turns the dense ``Dropout(0.5)`` off (``driver_patches``).
   """
-  from jaxretina.parity import classification_steps as steps
-
   c = case.constructor
   trunk = resnet.from_constructor(c.get("backbone") or {"block": "Bottleneck", "layers": [3, 4, 6, 3]},
                                   num_classes=None)

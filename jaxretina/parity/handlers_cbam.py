@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretina import parity
-from jaxretina.models import cbam
+from jaxretina.models import cbam, convert
 
 
 def _run(case: parity.Case, mode: str) -> dict:
@@ -20,7 +20,7 @@ def _run(case: parity.Case, mode: str) -> dict:
   if case.train:
     y, new_state = module.apply(variables, x, train=True, mutable=["batch_stats"])
     out = {"y": parity.nhwc_to_nchw(y)}
-    out.update(parity.state_after(new_state, parity.flax_path_to_torch))
+    out.update(parity.state_after(new_state, convert.flax_path_to_torch))
     return out
   return {"y": parity.nhwc_to_nchw(module.apply(variables, x, train=False))}
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from jaxretina import parity
 from jaxretina.models import crdnet, resnet
+from jaxretina.parity import classification_steps as steps
 
 REPO = "ZirongLiu/CRD-Net"
 
@@ -136,8 +137,6 @@ def crdnet_train_step(case: parity.Case) -> dict:
   ``CE(out) + CE(out_x) + CE(out_y)`` with ``meta.loss_weights``, SGD as ``meta.optimizer`` says,
   every BatchNorm in train mode.
   """
-  from jaxretina.parity import classification_steps as steps
-
   fields = _model_fields(case.constructor)
   x, y = steps.images(case, "x"), steps.images(case, "y")
   weights = case.meta.get("loss_weights") or {"ce_out": 1.0, "ce_out_x": 1.0, "ce_out_y": 1.0}

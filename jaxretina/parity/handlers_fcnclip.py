@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxretina import parity
 from jaxretina.models import cbam, fcn_clip, flair
+from jaxretina.parity import classification_steps as steps
 
 REPO = "gyuminleehk/Elec-4840-Final-Project"
 
@@ -116,8 +117,6 @@ def fcnclip_train_step(case: parity.Case) -> dict:
   upstream: ``torch.no_grad``) but its BatchNorms run on batch statistics
   (``encoder_bn_batch_stats``). The fixture turns the decoder's ``Dropout2d`` off (``driver_patches``).
   """
-  from jaxretina.parity import classification_steps as steps
-
   c = case.constructor
   if "bert_config" not in case.meta:
     raise ValueError(f"{case.path}: meta.json has no bert_config (the FLAIR text tower's configuration)")

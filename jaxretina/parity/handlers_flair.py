@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretina import parity
-from jaxretina.data import preprocess
+from jaxretina.data import imaging
 from jaxretina.models import convert, flair
+from jaxretina.train import contrastive
 
 
 def _images(case: parity.Case, name: str) -> jnp.ndarray:
@@ -107,7 +108,7 @@ def keepfit_attention(case: parity.Case) -> dict:
 def flair_preprocess_image(case: parity.Case) -> dict:
   """``FLAIRModel.preprocess_image(image)``: HWC 0..255 → (1, C, S, S) NCHW."""
   size = int(case.constructor.get("image_size", 512))
-  out = preprocess.flair_preprocess(case.inputs["image"], image_size=size)
+  out = imaging.flair_preprocess(case.inputs["image"], image_size=size)
   return {"image_out": np.transpose(out, (2, 0, 1))[None]}
 
 
@@ -158,8 +159,6 @@ def _contrastive_config(case: parity.Case, knowledge: bool):
 
 def _contrastive_train_step(case: parity.Case, knowledge: bool) -> dict:
   import jax
-
-  from jaxretina.train import contrastive
 
   config = _contrastive_config(case, knowledge)
   task = contrastive.ContrastiveTask(config, parity.one_device_mesh(), config.num_train_examples)

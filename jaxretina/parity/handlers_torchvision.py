@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretina import parity
-from jaxretina.models import resnet
+from jaxretina.models import convert, resnet
 
 
 @parity.register("pytorch/vision", "ResNet")
@@ -29,5 +29,5 @@ def torchvision_resnet(case: parity.Case) -> dict:
     new_state = None
   result = {"logits": np.asarray(out), "aux/layer4": parity.nhwc_to_nchw(taps["layer4"])}
   if new_state is not None:
-    result.update(parity.state_after(new_state, parity.flax_path_to_torch))
+    result.update(parity.state_after(new_state, convert.flax_path_to_torch))
   return result

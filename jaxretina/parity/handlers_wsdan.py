@@ -12,7 +12,10 @@ import numpy as np
 
 from jaxretina import parity
 from jaxretina.losses import wsdan as losses
-from jaxretina.models import attention_augment, wsdan
+from jaxretina.models import attention_augment, convert, wsdan
+from jaxretina.configlib import classification_config
+from jaxretina.losses import wsdan as wsdan_losses
+from jaxretina.train import classification
 
 CAL = "raoyongming/CAL"
 DAM = "JunaidAbbas517/DualAttendMed"
@@ -63,7 +66,7 @@ def _wsdan_model(case: parity.Case, variant: str) -> dict:
 
 def _torch_module_path(path: tuple[str, ...]) -> str:
   """Flax module path → upstream torch path (the backbone sits in ``features.{0,1,4..7}``)."""
-  torch_path = parity.flax_path_to_torch(path)
+  torch_path = convert.flax_path_to_torch(path)
   if torch_path.startswith("features."):
     head, _, rest = torch_path[len("features."):].partition(".")
     index = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}[head]
@@ -182,9 +185,6 @@ def _wsdan_step_config(case: parity.Case, variant: str):
   import fractions
   import re
 
-  from jaxretina.configlib import classification_config
-  from jaxretina.losses import wsdan as wsdan_losses
-
   meta, ctor = case.meta, case.constructor
   net, upstream_cfg, opt = ctor["WSDAN_CAL"], meta["config"], meta["optimizer"]
   hp = opt["hyper_parameters"]
@@ -257,8 +257,6 @@ def _wsdan_step_config(case: parity.Case, variant: str):
 def _wsdan_train_step(case: parity.Case, variant: str) -> dict:
   """One upstream ``train`` iteration through the classification trainer's own step."""
   import jax
-
-  from jaxretina.train import classification
 
   config = _wsdan_step_config(case, variant)
   opt = case.meta["optimizer"]

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from jaxretina import parity
+from jaxretina.models import bert
 
 ATOL = 1e-5  # the project requirement for BERT: max |jax - torch| <= 1e-5 on every output (attended tokens)
 
@@ -78,8 +79,6 @@ def _run(path: str, name: str) -> parity.Result:
   import jax.numpy as jnp
   import torch
   import transformers
-
-  from jaxretina.models import bert
 
   jax.config.update("jax_default_matmul_precision", "highest")
   config = bert.BertConfig.from_pretrained_dir(path)

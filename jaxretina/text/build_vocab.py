@@ -33,6 +33,7 @@ from tokenizers import normalizers, pre_tokenizers
 
 from jaxretina.text import dictionary, prompts
 from jaxretina.text.tokenizer import embedded_vocab_path
+from jaxretina.text.tokenizer import Tokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _ALPHABET = tuple(string.ascii_lowercase + string.digits + string.punctuation)
@@ -92,7 +93,6 @@ def vocab_for(texts: Sequence[str]) -> list[str]:
 
 def check_single_token_words(vocab_path: str, texts: Sequence[str]) -> list[str]:
   """Corpus words the vocabulary at ``vocab_path`` does not encode as exactly one token."""
-  from jaxretina.text.tokenizer import Tokenizer
   tokenizer = Tokenizer.from_vocab(vocab_path, lowercase=True)
   return [word for word in corpus_words(texts) if len(tokenizer.tokenize(word)) != 1]
 

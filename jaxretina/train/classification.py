@@ -4,7 +4,7 @@ The task bundle the loop (``jaxretina.train.loop``) runs for ``config.task='clas
 owns the data (one or several image modalities per example, label subsets, class-weighted
 sampling), on-device augmentation and normalisation, the optimizer (with frozen parameter groups)
 and evaluation; the model's forward/loss/prediction is the *classifier* named by
-``config.model.name`` (``jaxretina.train.classifiers``).
+``config.model.name`` (``jaxretina.systems``).
 
 One step: images (uint8, resized to ``config.data.image_size`` by the pipeline) → [0, 1] → random
 crop to ``config.data.crop_size`` when set (evaluation: the centre crop) → augmentation per modality
@@ -34,8 +34,14 @@ import optax
 from flax import traverse_util
 
 from jaxretina.data import augment as augment_lib
-from jaxretina.train import classifiers, distributed, microbatch, optim, plateau
-from jaxretina.train.loop import TrainState, register_task
+from jaxretina.evaluators import common as evaluators_lib
+from jaxretina.systems import build_classification_system
+from jaxretina.train import distributed, microbatch, optim, plateau
+from jaxretina.train.state import TaskBase, TrainState
+from jaxretina.data import pipeline
+from jaxretina import datasets
+from jaxretina.models import convert, resnet
+from jaxretina.models import convert
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -255,8 +261,6 @@ def input_size(d: ml_collections.ConfigDict) -> int:
 def _open_mix_split(d: ml_collections.ConfigDict, split: str, data_dir: str):
   """``config.data.mix``: the records of several TFDS splits concatenated in the listed order, then
   divided at random into named splits by fraction (``pipeline.split_by_fractions``)."""
-  from jaxretina.data import pipeline
-
   mix = d.mix
   names = [str(entry[0]) for entry in mix.splits]
   if split not in names:
@@ -267,8 +271,6 @@ def _open_mix_split(d: ml_collections.ConfigDict, split: str, data_dir: str):
       raise ValueError(f"config.data.mix.sources[{i}]={dict(source)}: expected a dataset 'name' and its 'split'")
     kwargs = dict(source.get("builder_kwargs") or {})
     if d.get("build_if_missing", False):
-      from jaxretina import datasets
-
       datasets.ensure_built(source["name"], data_dir, **kwargs)
     parts.append(pipeline.open_source(source["name"], source["split"], data_dir, kwargs))
   concatenated = pipeline.ConcatSource(parts)
@@ -286,8 +288,6 @@ def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None
 
   With ``config.data.mix.sources`` (and no other ``name`` asked for) the split is one of the mix's.
   """
-  from jaxretina.data import pipeline
-
   mix = d.get("mix") or {}
   if mix.get("sources") and not name:
     source = _open_mix_split(d, split, data_dir or d.data_dir)
@@ -297,8 +297,6 @@ def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None
   data_dir = data_dir or d.data_dir
   kwargs = dict(builder_kwargs or d.get("builder_kwargs") or {})
   if d.get("build_if_missing", False):
-    from jaxretina import datasets
-
     datasets.ensure_built(name, data_dir, **kwargs)
   source = pipeline.open_source(name, split, data_dir, kwargs)
   subset = d.get("label_subset")
@@ -307,7 +305,7 @@ def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None
   return source
 
 
-class ClassificationTask:
+class ClassificationTask(TaskBase):
   """The classification task bundle (see ``jaxretina.train.loop.Task``)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, train_labels: np.ndarray, train_source=None):
@@ -322,17 +320,15 @@ class ClassificationTask:
     if len(self.class_names) != self.num_classes:
       raise ValueError(f"config.data.class_names has {len(self.class_names)} names for num_classes="
                        f"{self.num_classes}")
-    self.global_batch_size = int(config.batch_size)
+    self.global_batch_size = distributed.global_batch_size(config, mesh)
     self.local_batch_size = distributed.local_batch_size(self.global_batch_size, mesh)
     self.train_source = train_source
-    self.classifier = classifiers.build(config, self.num_classes, self.fields)
+    self.classifier = build_classification_system(config, self.num_classes, self.fields)
     train_labels = np.asarray(train_labels)
-    if hasattr(self.classifier, "set_training_labels"):
-      self.classifier.set_training_labels(train_labels, self.num_classes)
+    self.classifier.set_training_labels(train_labels, self.num_classes)
     self.crop_size = input_crop_size(d)
     self.input_size = self.crop_size or int(d.image_size)
-    if hasattr(self.classifier, "prepare"):
-      self.classifier.prepare(self.input_size)
+    self.classifier.prepare(self.input_size)
     self.class_weights, samples = self._sampling(train_labels)
     self.steps_per_epoch = max(samples // self.global_batch_size, 1)
     self.microbatches = microbatch.check(config.get("microbatches", 1), self.global_batch_size,
@@ -359,8 +355,9 @@ class ClassificationTask:
 
   def _sampling(self, train_labels: np.ndarray) -> tuple[list[float] | None, int]:
     """``config.data.sampling``: ``class_weights`` None (epochs of a shuffled order), a list (one
-    weight per class, torch's WeightedRandomSampler with replacement), 'inverse_frequency' or
-    'fcn_clip_notebook'; ``samples_per_epoch`` (0 = the split size)."""
+    weight per class, torch's WeightedRandomSampler with replacement), 'inverse_frequency' or a
+    rule of the model's system (``sampling_class_weights``, e.g. 'fcn_clip_notebook');
+    ``samples_per_epoch`` (0 = the split size)."""
     s = self.config.data.get("sampling") or {}
     weights = s.get("class_weights")
     n = len(train_labels)
@@ -369,18 +366,14 @@ class ClassificationTask:
     if weights == "inverse_frequency":
       counts = np.bincount(train_labels, minlength=self.num_classes).astype(np.float64)
       weights = [1.0 / c if c else 0.0 for c in counts]
-    elif weights == "fcn_clip_notebook":  # the notebook's sampler: per-sample weight (n_y + 1e-6)^-0.3, boosted
-      from jaxretina.models import fcn_clip
-
-      weights = fcn_clip.compute_class_weights(train_labels, self.num_classes)[0].tolist()
+    elif isinstance(weights, str):
+      weights = self.classifier.sampling_class_weights(weights, train_labels, self.num_classes)
     weights = [float(w) for w in weights]
     if len(weights) != self.num_classes:
       raise ValueError(f"config.data.sampling.class_weights: expected {self.num_classes} weights, got {weights}")
     return weights, int(s.get("samples_per_epoch") or n)
 
   def data_streams(self, mesh) -> dict[str, Any]:
-    from jaxretina.data import pipeline
-
     return {"main": iter(pipeline.classification_batches(
         self.train_source, global_batch_size=self.global_batch_size, seed=self.config.seed, fields=self.fields,
         num_classes=self.num_classes, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -457,20 +450,14 @@ class ClassificationTask:
     changed = False
     if init.get("checkpoint"):
       variables, extras = self._convert_checkpoint(init.checkpoint)
-      if "feature_center" in extras and "feature_centers" in extra:
-        centers = extras["feature_center"]
-        if centers.shape != tuple(extra["feature_centers"].shape):
-          raise ValueError(f"{init.checkpoint}: feature_center has shape {centers.shape}, this model's centers are "
-                           f"{tuple(extra['feature_centers'].shape)} (num_classes × M·C)")
-        extra = dict(extra, feature_centers=jax.device_put(centers, extra["feature_centers"].sharding))
+      extra = self.classifier.restore_extra(extras, extra, init.checkpoint)
       changed = True
     if init.get("backbone"):
       variables = self._load_backbones(variables, init.backbone)
       changed = True
-    if hasattr(self.classifier, "load_pretrained"):
-      loaded = self.classifier.load_pretrained(variables)
-      changed = changed or loaded is not variables
-      variables = loaded
+    loaded = self.classifier.load_pretrained(variables)
+    changed = changed or loaded is not variables
+    variables = loaded
     if not changed:
       return state
     shard = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
@@ -484,8 +471,6 @@ class ClassificationTask:
     Like upstream's ImageNet initialisation: the classifier head (``fc.*``) is dropped; every
     backbone variable must be filled (a different depth is an error, not a silent skip).
     """
-    from jaxretina.models import convert, resnet
-
     state_dict = convert.load_torch_checkpoint(path)
     s = self.input_size
     for where, module in self.classifier.backbones().items():
@@ -498,13 +483,11 @@ class ClassificationTask:
     return variables
 
   def _convert_checkpoint(self, path: str) -> tuple[dict, dict]:
-    from jaxretina.models import convert
-
     state_dict, extras = convert.load_torch_checkpoint(path, return_extras=True)
     if any(k.startswith("module.") for k in state_dict):  # saved from a (Distributed)DataParallel wrapper
       state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     target = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))[0]
-    rename = getattr(self.classifier, "torch_rename", None)
+    rename = self.classifier.torch_rename
     return convert.convert_state_dict(state_dict, target, rename=rename, source=path), extras
 
   # ------------------------------------------------------------------ step
@@ -561,11 +544,20 @@ class ClassificationTask:
     return self.classifier.predict(variables, self.prepare_inputs(batch, None))
 
   # ------------------------------------------------------------------ eval
-  def evaluate(self, state: TrainState, mesh) -> dict[str, float]:
-    from jaxretina.evaluators import run_evaluators
-
-    self.eval_step = int(jax.device_get(state.step))
-    return run_evaluators(self, state.variables(), mesh)
+  def evaluators(self, workdir: str | None) -> evaluators_lib.Evaluators:
+    """The evaluators of ``config.evals`` on this classifier, writing their reports under ``workdir``."""
+    classifier = self.classifier
+    # Optional capabilities of a system (jaxretina.systems.base): offered only where it has them.
+    optional = {}
+    if hasattr(classifier, "cam_features"):
+      optional["cam_features"] = lambda v, batch: classifier.cam_features(v, self.prepare_inputs(batch, None))
+    if hasattr(classifier, "eval_loss"):
+      optional["eval_loss"] = classifier.eval_loss
+    return evaluators_lib.from_config(
+        self.config.get("evals"), workdir=workdir, mesh=self.mesh, predict=self.predict, open_split=self.open_split,
+        fields=self.fields, class_names=self.class_names, image_size=int(self.config.data.image_size),
+        crop_size=self.crop_size, batch_size=self.global_batch_size, train_split=self.config.data.train_split,
+        **optional)
 
   def after_evaluation(self, state: TrainState, metrics: Mapping[str, float]) -> tuple[TrainState, Any]:
     """The loop's hook after each epoch's evaluation: ReduceLROnPlateau and early stopping
@@ -584,11 +576,8 @@ class ClassificationTask:
     return self.plateau.keep_best
 
 
-@register_task("classification")
 def make_classification_task(config, mesh) -> ClassificationTask:
   """The task on ``config.data``'s training split (label subset applied, built if allowed)."""
-  from jaxretina.data import pipeline
-
   num_classes = int(config.data.num_classes)
   source = open_split(config.data, config.data.train_split)
   counts = config.data.get("train_class_counts")

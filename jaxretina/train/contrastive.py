@@ -23,10 +23,8 @@ pairs only) and its own text padding length. BatchNorm statistics are always glo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 from typing import Any
 
 import jax
@@ -35,62 +33,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxretina import configlib
+from jaxretina.evaluators import common as evaluators_lib
+from jaxretina.evaluators import zero_shot
 from jaxretina.models import bert as bert_lib
 from jaxretina.models import flair
 from jaxretina.models import resnet as resnet_lib
+from jaxretina.systems import flair as two_tower
 from jaxretina.train import distributed, microbatch, optim
-from jaxretina.train.loop import TrainState, register_task
-
-
-def build_tokenizer(cfg: ml_collections.ConfigDict):
-  """``config.text.tokenizer``: 'embedded' (shipped retina vocabulary) or a local HF directory."""
-  from jaxretina.text.tokenizer import Tokenizer
-
-  source = cfg.get("tokenizer", "embedded")
-  if source in ("embedded", None, ""):
-    return Tokenizer.embedded()
-  if not os.path.isdir(source):
-    raise FileNotFoundError(f"config.text.tokenizer={source!r}: not a local directory with a BERT vocabulary")
-  return Tokenizer.from_pretrained_dir(source)
-
-
-def build_text_config(cfg: ml_collections.ConfigDict, tokenizer) -> bert_lib.BertConfig:
-  """``config.text.bert``: a directory with config.json (pretrained) or a dict of BertConfig fields."""
-  pretrained = cfg.get("pretrained_dir")
-  if pretrained:
-    return bert_lib.BertConfig.from_pretrained_dir(pretrained)
-  fields = dict(cfg.bert)
-  fields.setdefault("vocab_size", tokenizer.vocab_size)
-  fields.setdefault("pad_token_id", tokenizer.pad_token_id)
-  return bert_lib.BertConfig.from_dict(fields)
-
-
-def build_model(config: ml_collections.ConfigDict, text_config: bert_lib.BertConfig) -> flair.TwoTower:
-  """The two-tower model of ``config``. ``config.remat`` ('none' | 'blocks' | 'dots') rematerialises
-  the ResNet blocks and the BERT layers (``resnet.ResNet.remat``, ``bert.BertConfig.remat``)."""
-  m = config.model
-  dtype = configlib.compute_dtype(config)
-  remat = config.get("remat", "none")  # configs saved before config.remat existed: no remat
-  vision = resnet_lib.ResNet(block=m.vision.block, layers=tuple(m.vision.layers),
-                             width_per_group=m.vision.get("width_per_group", 64),
-                             base_width=m.vision.get("base_width", 64), num_classes=None, dtype=dtype,
-                             remat=remat)
-  return flair.TwoTower(
-      vision=vision,
-      text=dataclasses.replace(text_config, remat=remat),
-      proj_dim=m.proj_dim,
-      proj_bias=m.get("proj_bias", False),
-      projection=m.get("projection", True),
-      norm_features=m.get("norm_features", True),
-      logit_scale_init=m.get("logit_scale_init", 0.07),
-      knowledge_attention=config.kd.enabled,
-      attention_heads=m.get("attention_heads", 2),
-      attention_dropout=m.get("attention_dropout", 0.5),
-      softmax_over_heads=m.get("softmax_over_heads", False),
-      text_pooling=m.get("text_pooling", "all_positions"),
-      dtype=dtype,
-  )
+from jaxretina.train.state import TaskBase, TrainState
+from jaxretina.models.convert import load_torch_checkpoint
+from jaxretina.data import pipeline
+from jaxretina.data.augment import flair_augment
+from jaxretina import datasets
 
 
 def grouped_softce(logits_fn, img, txt, target_fn, groups: int) -> jax.Array:
@@ -151,7 +105,7 @@ def sharded_softce_clip_loss(txt: jax.Array, img: jax.Array, logit_scale: jax.Ar
       txt, img, jnp.asarray(logit_scale, jnp.float32), categories.astype(jnp.int32))
 
 
-class ContrastiveTask:
+class ContrastiveTask(TaskBase):
   """The contrastive task bundle the loop runs (see ``jaxretina.train.loop.Task``).
 
   Built from the config and the size of the training split; it opens no data until
@@ -162,10 +116,10 @@ class ContrastiveTask:
   def __init__(self, config: ml_collections.ConfigDict, mesh, num_train_examples: int, train_source=None):
     self.config = config
     self.mesh = mesh
-    self.tokenizer = build_tokenizer(config.text)
-    self.text_config = build_text_config(config.text, self.tokenizer)
-    self.model = build_model(config, self.text_config)
-    self.global_batch_size = int(config.batch_size)
+    self.tokenizer = two_tower.build_tokenizer(config.text)
+    self.text_config = two_tower.build_text_config(config.text, self.tokenizer)
+    self.model = two_tower.build_model(config, self.text_config)
+    self.global_batch_size = distributed.global_batch_size(config, mesh)
     self.local_batch_size = distributed.local_batch_size(self.global_batch_size, mesh)
     self.train_source = train_source
     self.steps_per_epoch = max(int(num_train_examples) // self.global_batch_size, 1)
@@ -219,8 +173,6 @@ class ContrastiveTask:
     if init.get("checkpoint"):
       variables = flair.load_flair_checkpoint(init.checkpoint, self.model)
     if init.get("vision_checkpoint"):
-      from jaxretina.models.convert import load_torch_checkpoint
-
       s = self.config.data.image_size
       vis = resnet_lib.from_torch(load_torch_checkpoint(init.vision_checkpoint), self.model.vision,
                                   input_shape=(1, s, s, 3))
@@ -236,8 +188,6 @@ class ContrastiveTask:
 
   # ------------------------------------------------------------------ data
   def data_streams(self, mesh) -> dict[str, Any]:
-    from jaxretina.data import pipeline
-
     c, d = self.config, self.config.data
     common = dict(tokenize=self.tokenizer, max_length=c.text.max_length, category_names=list(d.category_names),
                   global_batch_size=self.global_batch_size, process_index=jax.process_index(),
@@ -264,8 +214,6 @@ class ContrastiveTask:
     c = self.config
     images = batch["image"].astype(jnp.float32) / 255.0
     if c.get("augment", "flair") == "flair":
-      from jaxretina.data.augment import flair_augment
-
       images = flair_augment(key, images)
     inputs = {"images": images, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "category_id": batch["category_id"]}
@@ -441,22 +389,23 @@ class ContrastiveTask:
     return new_state.replace(rng=rng), metrics
 
   # ------------------------------------------------------------------ eval
-  def evaluate(self, state: TrainState, mesh) -> dict[str, float]:
-    from jaxretina.evaluators import run_evaluators
+  def evaluators(self, workdir: str | None) -> evaluators_lib.Evaluators:
+    """The evaluators of ``config.evals`` on this model, writing their reports under ``workdir``."""
+    model, config = self.model, self.config
+    prompt, classes = zero_shot.prompt_of(config.get("evals"))
+    return evaluators_lib.from_config(
+        config.get("evals"), workdir=workdir, mesh=self.mesh,
+        encode_images=lambda v, images: model.apply(v, images, train=False, method=type(model).encode_image),
+        encode_texts=lambda v, ids, mask: model.apply(v, ids, mask, train=False, method=type(model).encode_text),
+        model=model, tokenizer=self.tokenizer, max_length=int(config.text.max_length), prompt=prompt,
+        classes=classes, data=config.data, image_size=int(config.data.image_size),
+        batch_size=self.global_batch_size)
 
-    self.eval_step = int(jax.device_get(state.step))
-    return run_evaluators(self, state.variables(), mesh)
 
-
-@register_task("contrastive")
 def make_contrastive_task(config, mesh) -> ContrastiveTask:
   """The task on ``config.data``'s training split (built first when ``build_if_missing``)."""
-  from jaxretina.data import pipeline
-
   d = config.data
   if d.get("build_if_missing", False):
-    from jaxretina import datasets
-
     datasets.ensure_built(d.name, d.data_dir, **dict(d.get("builder_kwargs") or {}))
   source = pipeline.open_source(d.name, d.train_split, d.data_dir, dict(d.get("builder_kwargs") or {}))
   source = pipeline.pretraining_source(source, balance=bool(d.get("balance", False)),

@@ -150,6 +150,15 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
+def global_batch_size(config, mesh: Mesh) -> int:
+  """``config.per_device_batch_size`` × the mesh's devices when set (> 0), else ``config.batch_size``:
+  the same command then keeps the per-device batch on 8 GPUs or a 256-chip pod."""
+  per_device = int(config.get("per_device_batch_size", 0) or 0)
+  if per_device < 0:
+    raise ValueError(f"config.per_device_batch_size={per_device}: expected 0 (use config.batch_size) or more")
+  return per_device * mesh.size if per_device else int(config.batch_size)
+
+
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The per-process share of a global batch; errors name the field to fix."""
   shards = num_data_shards(mesh)

@@ -8,15 +8,12 @@ checkpoints that are never written from a non-finite state.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -24,24 +21,10 @@ from jaxretina import configlib
 from jaxretina import fileio
 from jaxretina import profiling
 from jaxretina.train import checkpoint as ckpt_lib
-from jaxretina.train import distributed
+from jaxretina.train import classification, contrastive, distributed
 from jaxretina.train import metrics as metrics_lib
 from jaxretina.train.metrics import MetricWriter, Progress
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array  # raw uint32 key data: checkpointable as a plain array
-  # Non-gradient model state besides BatchNorm statistics, updated by the step (e.g. WS-DAN's
-  # feature centers); replicated.
-  extra: Any = flax.struct.field(default_factory=dict)
-
-  def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats} if self.batch_stats else {"params": self.params}
+from jaxretina.train.state import Task, TrainState
 
 
 # Where the loop keeps the checkpoint of the best epoch-end evaluation (early stopping's metric).
@@ -56,48 +39,13 @@ class ConfigChangedError(ValueError):
   """The config differs from the one that trained the workdir in fields that change training."""
 
 
-class Task(Protocol):
-  """What a task kind provides to the loop."""
-
-  global_batch_size: int
-  steps_per_epoch: int
-  total_steps: int
-
-  def init_state(self, rng: jax.Array) -> TrainState: ...
-
-  def data_streams(self, mesh) -> dict[str, Iterator[Mapping[str, np.ndarray]]]: ...
-
-  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]: ...
-
-  def evaluate(self, state: TrainState, mesh) -> dict[str, float]: ...
-
-  # Optional hooks:
-  #   after_evaluation(state, metrics) -> (state, report | None): called after each epoch-end
-  #     evaluation (config.eval_every_epochs) with the evaluators' metrics; report has ``scalars``
-  #     (written to the metrics file), ``messages`` (printed), ``improved`` (the monitored metric
-  #     improved: keep this state as the best checkpoint when ``keep_best_checkpoint``) and
-  #     ``stop_reason`` (not None: stop training here).
-  #   stop_reason(state) -> str | None: a restored state that already stopped early.
-
-
-TASKS: dict[str, Callable[[ml_collections.ConfigDict, Any], Task]] = {}
-
-
-def register_task(name: str):
-  def deco(factory):
-    TASKS[name] = factory
-    return factory
-
-  return deco
-
-
 def get_task(config, mesh) -> Task:
   """Builds the task bundle named by ``config.task``."""
-  from jaxretina.train import classification, contrastive  # noqa: F401  (importing a task module registers it)
-
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r}: expected one of {sorted(TASKS)}")
-  return TASKS[config.task](config, mesh)
+  factories = {"contrastive": contrastive.make_contrastive_task,
+               "classification": classification.make_classification_task}
+  if config.task not in factories:
+    raise ValueError(f"config.task={config.task!r}: expected one of {sorted(factories)}")
+  return factories[config.task](config, mesh)
 
 
 def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
@@ -141,7 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
   task = get_task(config, mesh)
-  task.workdir = workdir  # evaluators write their files (plots, heatmaps) under it
+  evaluators = task.evaluators(workdir)  # config.evals; they write their reports (plots, heatmaps) under workdir
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
   shardings = state_shardings(mesh, abstract)
@@ -162,13 +110,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info("resuming from %s step %d", checkpointer.directory, restored_step)
   else:
     state = jax.jit(task.init_state, out_shardings=shardings)(rng)
-    if hasattr(task, "load_pretrained"):
-      state = task.load_pretrained(state)
+    state = task.load_pretrained(state)
   start = int(jax.device_get(state.step))
   _write_config(config, workdir, previous_config, start)
   total = task.total_steps
   writer = MetricWriter(workdir, start_step=start)
-  stopped = task.stop_reason(state) if hasattr(task, "stop_reason") else None
+  stopped = task.stop_reason(state)
   if start >= total or stopped:
     checkpointer.close()
     final = _last_eval(workdir)
@@ -186,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   epoch_eval_every = int(config.get("eval_every_epochs", 0) or 0) * task.steps_per_epoch
   ckpt_every = int(config.get("checkpoint_every", 0) or 0)
   best_checkpointer = None
-  if getattr(task, "keep_best_checkpoint", False):
+  if task.keep_best_checkpoint:
     best_checkpointer = ckpt_lib.Checkpointer(fileio.join(workdir, BEST_CHECKPOINT_DIR), max_to_keep=1,
                                               async_checkpointing=config.get("async_checkpointing", True))
   progress = Progress(total, start, task.global_batch_size)
@@ -224,11 +171,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars["img_per_s"] = progress.img_per_s
         writer.write(step, scalars)
       if is_eval:
-        evals = task.evaluate(state, mesh)
+        evals = evaluators.run(state.variables(), step)
         final = {f"eval/{k}": v for k, v in evals.items()}
         writer.write(step, final)
         _print(f"step {step}: {_fmt(final)}")
-        if is_epoch_eval and hasattr(task, "after_evaluation"):
+        if is_epoch_eval:
           state, report = task.after_evaluation(state, evals)
           if report is not None:
             writer.write(step, report.scalars)

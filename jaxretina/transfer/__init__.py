@@ -1,5 +1,8 @@
 """Transfer evaluation of FLAIR / KeepFIT two-tower models (docs/systems.md#transfer-evaluation-protocol).
 
+* ``protocol``: the protocol's config and defaults (``get_config``), and its checks.
+* ``runner``: runs the protocol on a loaded model (``run_protocol``) and writes its reports.
+
 Building blocks that work on already-extracted image features:
 
 * ``splits``: FLAIR's seeded per-class train/val/test selection and the experiments' label sets.

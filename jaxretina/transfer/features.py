@@ -33,8 +33,18 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+
+from jaxretina.data import augment
+from jaxretina.models import flair
+from jaxretina.models import resnet  # noqa: F401  (the backbone class must be importable)
+from jaxretina.train import distributed
+from jaxretina.data import imaging
+from jaxretina.transfer import splits
+from jaxretina.data import pipeline
+from jaxretina.datasets import ensure_built
 
 CACHE_VERSION = 1
 
@@ -69,11 +79,6 @@ def _sha256(*parts: Any) -> str:
 
 def dataframe_rows(csv_path: str, data_root: str, *, image_size: int, crop_foreground: bool) -> Rows:
   """The rows of a FLAIR-format CSV; image ``data_root/<image column>`` (every file must exist)."""
-  from PIL import Image
-
-  from jaxretina.data import preprocess
-  from jaxretina.transfer import splits
-
   if not os.path.isfile(csv_path):
     raise FileNotFoundError(f"dataframe {csv_path}: no such file (a FLAIR/KeepFIT transfer CSV with 'image' and "
                             "'categories' columns)")
@@ -101,11 +106,11 @@ def dataframe_rows(csv_path: str, data_root: str, *, image_size: int, crop_foreg
 
   def load(i: int) -> np.ndarray:
     try:
-      with Image.open(paths[i]) as opened:
-        image = np.asarray(opened.convert("RGB"), np.uint8)
+      # PIL's plain conversion (16-bit ranges not stretched): what this loader has always read.
+      image = imaging.read_file(paths[i], 3, stretch_wide_modes=False)
       if crop_foreground:
-        image = preprocess.crop_fov(image)
-      return preprocess.flair_preprocess(image, image_size)
+        image = imaging.crop_fov(image)
+      return imaging.flair_preprocess(image, image_size)
     except Exception as e:  # noqa: BLE001 - name the row and the file whatever the decoder raised
       raise ValueError(f"dataframe {csv_path}: row {i + 1}: unreadable image {paths[i]}: "
                        f"{type(e).__name__}: {e}") from None
@@ -124,13 +129,9 @@ def tfds_rows(name: str, splits_: Sequence[str], data_dir: str, *, image_size: i
   ``class_from``: ``'categories'`` (a record's class is the first of its FLAIR ``categories``, a JSON
   list, as FLAIR's dataframes) or ``'label'`` (the name of its ``label`` ClassLabel).
   """
-  from jaxretina.data import pipeline
-
   if class_from not in ("categories", "label"):
     raise ValueError(f"class_from={class_from!r}: expected 'categories' or 'label'")
   if build_if_missing:
-    from jaxretina.datasets import ensure_built
-
     ensure_built(name, data_dir, **(builder_kwargs or {}))
   sources = [pipeline.open_source(name, s, data_dir, builder_kwargs) for s in splits_]
   ids, categories, index = [], [], []
@@ -193,8 +194,6 @@ def backbone_variables(variables: dict) -> dict:
 
 def project(model, variables: dict, raw: Any, *, project_features: bool, norm_features: bool) -> np.ndarray:
   """FLAIR's ``ProjectionLayer`` on raw pooled features (..., D) → (..., proj_dim), or raw when not projecting."""
-  from jaxretina.models import flair
-
   raw = np.asarray(raw, np.float32)
   if not project_features:
     return raw
@@ -251,7 +250,7 @@ def extract_features(run, rows: Rows, *, mesh, batch_size: int = 64, augment_pas
   """Raw pooled features of every row of ``rows`` under ``run``'s vision tower (cached; see the module doc).
 
   Args:
-    run: a ``restore.TwoTowerRun``.
+    run: a ``zero_shot.TwoTowerRun`` (``jaxretina.evaluators.zero_shot``).
     rows: the images.
     mesh: device mesh; batches are sharded over its data axes (``batch_size`` is rounded up to a
       multiple of the data shards).
@@ -259,12 +258,6 @@ def extract_features(run, rows: Rows, *, mesh, batch_size: int = 64, augment_pas
     cache_dir: where feature files live (None: no cache).
     preprocessing: extra items of the cache key (e.g. ``crop_foreground``).
   """
-  from jax.experimental import multihost_utils
-
-  from jaxretina.data import augment
-  from jaxretina.models import resnet  # noqa: F401  (the backbone class must be importable)
-  from jaxretina.train import distributed
-
   backbone_vars = backbone_variables(run.variables)
   key = cache_key(weights_fingerprint(backbone_vars), rows, augment_passes=augment_passes, augment_seed=augment_seed,
                   kornia_grid_quirk=kornia_grid_quirk, preprocessing=dict(preprocessing or {}))

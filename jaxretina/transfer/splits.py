@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from jaxretina.data import dr_grades
+
 __all__ = [
     "EXPERIMENTS",
     "Experiment",
@@ -45,8 +47,7 @@ class Experiment(NamedTuple):
   targets: tuple[str, ...]
 
 
-_DR_GRADES = ("no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
-              "severe diabetic retinopathy", "proliferative diabetic retinopathy")
+_DR_GRADES = dr_grades.DR_CATEGORIES
 _MYOPIC_GRADES = ("myopic maculopathy grade cero", "myopic maculopathy grade one", "myopic maculopathy grade two",
                   "myopic maculopathy grade three", "myopic maculopathy grade four")
 

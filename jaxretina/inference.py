@@ -1,4 +1,8 @@
-"""Rebuild a trained model from a jaxretina workdir, for inference, without opening any dataset.
+"""Trained models loaded for inference: jaxretina workdirs and released FLAIR/KeepFIT checkpoints.
+
+``load_run`` rebuilds a model from a jaxretina workdir without opening any dataset;
+``load_two_tower`` gives a two-tower model (a contrastive workdir or an upstream ``.pth``) with what
+zero-shot scoring and the transfer protocol need around it (``zero_shot.TwoTowerRun``).
 
 A workdir (``jaxretina.train.loop``) holds ``config.json`` and Orbax checkpoints under
 ``checkpoints/<step>/`` with the items ``state`` (the ``TrainState``) and ``data`` (iterator
@@ -22,7 +26,14 @@ import ml_collections
 import numpy as np
 
 from jaxretina import fileio
-from jaxretina.train import checkpoint
+from jaxretina.evaluators.zero_shot import TwoTowerRun, prompt_of
+from jaxretina.models import bert as bert_lib
+from jaxretina.models import convert, flair
+from jaxretina.systems import build_classification_system
+from jaxretina.systems import flair as two_tower
+from jaxretina.text import prompts
+from jaxretina.text.tokenizer import Tokenizer
+from jaxretina.train import checkpoint, classification
 from jaxretina.train.checkpoint import IncompatibleCheckpointError
 
 KINDS = ("contrastive", "classification")
@@ -33,7 +44,7 @@ class Run(NamedTuple):
   """A restored run; unpacks as ``(config, kind, model, variables)``.
 
   ``model`` is a ``flair.TwoTower`` for ``kind='contrastive'`` and a classifier of
-  ``jaxretina.train.classifiers`` (``.predict(variables, inputs)``) for ``'classification'``.
+  ``jaxretina.systems`` (``.predict(variables, inputs)``) for ``'classification'``.
   ``variables`` holds ``params`` (and ``batch_stats`` where the model has BatchNorm) as numpy arrays.
   """
 
@@ -77,19 +88,15 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[Any, dict]:
   """The run's model and the abstract variables it initialises (``jax.ShapeDtypeStruct`` leaves)."""
   rng = jax.random.PRNGKey(0)
   if config.task == "contrastive":
-    from jaxretina.train import contrastive
-
-    tokenizer = contrastive.build_tokenizer(config.text)
-    model = contrastive.build_model(config, contrastive.build_text_config(config.text, tokenizer))
+    tokenizer = two_tower.build_tokenizer(config.text)
+    model = two_tower.build_model(config, two_tower.build_text_config(config.text, tokenizer))
     s, length = int(config.data.image_size), int(config.text.max_length)
     images = jnp.zeros((1, s, s, 3), jnp.float32)
     ids = jnp.zeros((1, length), jnp.int32)
     abstract = jax.eval_shape(lambda: model.init({"params": rng, "dropout": rng}, images, ids, jnp.ones_like(ids)))
     return model, abstract
-  from jaxretina.train import classification, classifiers
-
   fields = classification.parse_fields(config.data.fields)
-  classifier = classifiers.build(config, int(config.data.num_classes), fields)
+  classifier = build_classification_system(config, int(config.data.num_classes), fields)
   s = classification.input_size(config.data)  # the crop when the run crops (config.data.crop_size)
   inputs = {name: jnp.zeros((1, s, s, ch), jnp.float32) for name, ch in fields.items()}
   abstract = jax.eval_shape(lambda: classifier.init(rng, inputs)[0])
@@ -166,34 +173,6 @@ KEEPFIT_MAX_TEXT_LENGTH = 256
 UPSTREAM_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".npz")
 
 
-class TwoTowerRun(NamedTuple):
-  """A FLAIR / KeepFIT two-tower model with what zero-shot scoring needs around it.
-
-  ``model``/``variables``: ``flair.TwoTower`` and its weights (numpy); ``tokenizer`` and ``max_length``
-  for the class prompts; ``prompt``: ``template``, ``domain_knowledge``, ``variant`` (the run's
-  zero_shot evaluator, else FLAIR's); ``classes``: the run's zero-shot classes (may be empty);
-  ``image_size``: the resolution it was trained at; ``source``: 'workdir' or 'upstream';
-  ``description``: for messages.
-  """
-
-  model: Any
-  variables: dict
-  tokenizer: Any
-  max_length: int
-  prompt: dict
-  classes: list
-  image_size: int
-  source: str
-  description: str
-
-
-def _zero_shot_evaluator(config) -> dict:
-  for cfg in (config.get("evals") or {}).values():
-    if cfg.get("type") == "zero_shot":
-      return dict(cfg)
-  return {}
-
-
 def load_two_tower(checkpoint: str, *, text_dir: str | None = None, step: int | None = None,
                    constructor: dict | None = None) -> TwoTowerRun:
   """A two-tower model from a jaxretina contrastive workdir or a released FLAIR/KeepFIT checkpoint.
@@ -208,24 +187,17 @@ def load_two_tower(checkpoint: str, *, text_dir: str | None = None, step: int | 
     constructor: for upstream files of another architecture than the released ResNet-50 / 512-d
       towers, upstream's ``FLAIRModel`` constructor kwargs (``flair.two_tower_from_constructor``).
   """
-  from jaxretina.text import prompts
-
   if fileio.isdir(checkpoint):  # a workdir, local or gs://
-    from jaxretina.train import contrastive
-
     config = load_config(checkpoint)
     if config.task != "contrastive":
       raise ValueError(f"{checkpoint}: a {config.task} run ({config.model.get('name', '?')}); a two-tower "
                        "(task='contrastive') FLAIR/KeepFIT run is needed here")
     run = load_run(checkpoint, step)
-    evaluator = _zero_shot_evaluator(run.config)
-    prompt = dict(template=evaluator.get("template") or prompts.ZERO_SHOT_TEMPLATE,
-                  domain_knowledge=bool(evaluator.get("domain_knowledge", True)),
-                  variant=evaluator.get("variant", "flair"))
+    prompt, classes = prompt_of(run.config.get("evals"))
     return TwoTowerRun(model=run.model, variables=run.variables,
-                       tokenizer=contrastive.build_tokenizer(run.config.text),
+                       tokenizer=two_tower.build_tokenizer(run.config.text),
                        max_length=int(run.config.text.max_length), prompt=prompt,
-                       classes=list(evaluator.get("classes") or []), image_size=int(run.config.data.image_size),
+                       classes=classes, image_size=int(run.config.data.image_size),
                        source="workdir", description=f"two-tower run {checkpoint}")
   if not os.path.isfile(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint}: no such file or directory (expected a jaxretina workdir or "
@@ -233,10 +205,6 @@ def load_two_tower(checkpoint: str, *, text_dir: str | None = None, step: int | 
   if not checkpoint.lower().endswith(UPSTREAM_EXTENSIONS):
     raise ValueError(f"checkpoint {checkpoint}: expected a jaxretina workdir (a directory) or an upstream "
                      f"FLAIR/KeepFIT checkpoint ({', '.join(UPSTREAM_EXTENSIONS)})")
-  from jaxretina.models import bert as bert_lib
-  from jaxretina.models import convert, flair
-  from jaxretina.text.tokenizer import Tokenizer
-
   if not text_dir:
     raise ValueError(f"checkpoint {checkpoint} is an upstream FLAIR/KeepFIT checkpoint: name the local "
                      "Bio_ClinicalBERT directory (config.json + vocab) its text tower was built with (text_dir)")

@@ -1,6 +1,6 @@
 """Tiny FAKE downloads of MMC-AMD, GAMMA, MM-Retinal and FLAIR-format dataframes (docs/datasets.md).
 
-Like ``dataset_fakes``: each ``write_<dataset>(manual_dir)`` writes a handful of small images and
+Like ``fake_fundus_downloads``: each ``write_<dataset>(manual_dir)`` writes a handful of small images and
 the label/caption files with the real names, headers and quirks, and returns what a correct builder
 must produce, ``{split: {id: expected features}}``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dataset_fakes import junk, write_image, write_xlsx
+from fake_fundus_downloads import junk, write_image, write_xlsx
 
 OCT_SIZE = (20, 10)  # PIL (width, height) of the fake B-scans
 

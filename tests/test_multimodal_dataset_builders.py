@@ -11,34 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset_fakes as fakes
-import dataset_fakes2 as fakes2
+import fake_fundus_downloads as fundus_fakes
+import fake_multimodal_downloads as multimodal_fakes
+from dataset_build_helpers import CANVAS, KW, build, read_split, text
 import tensorflow_datasets as tfds
 
 import jaxretina.datasets  # noqa: F401  (registers the builders)
 from jaxretina.data.pipeline import image_text_batches, labelled_batches, open_source
 from jaxretina.data import synthetic_oct
-from jaxretina.datasets import common
+from jaxretina.data import imaging
+from jaxretina.datasets import bad_input
+from jaxretina.datasets import file_discovery
+from jaxretina.datasets import image_encoding
+from jaxretina.datasets import process_pool
 from jaxretina.transfer import splits as transfer_splits
-
-CANVAS = 32
-KW = {"canvas_size": CANVAS, "num_workers": 1}
-
-
-def build(name, manual_dir, data_dir, **kwargs):
-  builder = tfds.builder(name, data_dir=str(data_dir), **{**KW, **kwargs})
-  config = tfds.download.DownloadConfig(manual_dir=str(manual_dir)) if manual_dir is not None else None
-  builder.download_and_prepare(file_format="array_record", download_config=config)
-  return builder
-
-
-def text(value):
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def read_split(name, split, data_dir, **kwargs):
-  source = open_source(name, split, str(data_dir), {**KW, **kwargs})
-  return {text(r["id"]): r for r in (source[i] for i in range(len(source)))}
 
 
 def decode(raw) -> np.ndarray:
@@ -46,12 +32,12 @@ def decode(raw) -> np.ndarray:
 
 
 def stored(path, grey=False) -> np.ndarray:
-  """What the builders store for the file at `path` (canvas-resized, as common.process_image)."""
+  """What the builders store for the file at `path` (canvas-resized, as image_encoding.process_image)."""
   with Image.open(path) as opened:
     array = np.asarray(opened.convert("L" if grey else "RGB"))
   if grey:
-    return common.canvas_resize_fast(array[..., None], CANVAS)[..., 0]
-  return common.canvas_resize_fast(array, CANVAS)
+    return imaging.canvas_resize_fast(array[..., None], CANVAS)[..., 0]
+  return imaging.canvas_resize_fast(array, CANVAS)
 
 
 def check_features(records, expected):
@@ -73,7 +59,7 @@ def check_features(records, expected):
 @pytest.mark.parametrize("scheme", ["splitA", "splitAP"])
 def test_mmc_amd_pairs_per_eye_both_schemes(scheme, tmp_path):
   manual = tmp_path / "m"
-  expected = fakes2.write_mmc_amd(manual, scheme)
+  expected = multimodal_fakes.write_mmc_amd(manual, scheme)
   assert tfds.builder("mmc_amd", data_dir=str(tmp_path), config=scheme).builder_config.canvas_size == 448
   builder = build("mmc_amd", manual, tmp_path / "d", config=scheme)
   assert builder.builder_config.name == f"{scheme}_c{CANVAS}"
@@ -82,7 +68,7 @@ def test_mmc_amd_pairs_per_eye_both_schemes(scheme, tmp_path):
   notes = json.loads(builder.skip_report_path.read_text())["notes"]
   for image_id in ("f-w-401", "o-h-102"):  # unpaired images are counted and named, not silently dropped
     assert any(image_id in note and "unpaired" in note for note in notes), notes
-  paths = fakes2.mmc_paths(manual)
+  paths = multimodal_fakes.mmc_paths(manual)
   for split, rows in expected.items():
     records = read_split("mmc_amd", split, tmp_path / "d", config=scheme)
     check_features(records, rows)
@@ -100,11 +86,11 @@ def test_mmc_amd_pairs_per_eye_both_schemes(scheme, tmp_path):
 # GAMMA
 # ---------------------------------------------------------------------------------------------
 def test_gamma_fundus_and_oct_volume_reduction(tmp_path):
-  expected = fakes2.write_gamma(tmp_path / "m")
+  expected = multimodal_fakes.write_gamma(tmp_path / "m")
   builder = build("gamma", tmp_path / "m", tmp_path / "d")
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 4, "test": 2}
-  images = fakes2.gamma_paths(tmp_path / "m")["images"]
-  n = fakes2.GAMMA_SLICES
+  images = multimodal_fakes.gamma_paths(tmp_path / "m")["images"]
+  n = multimodal_fakes.GAMMA_SLICES
   for split, rows in expected.items():
     records = read_split("gamma", split, tmp_path / "d")
     check_features(records, rows)
@@ -112,27 +98,27 @@ def test_gamma_fundus_and_oct_volume_reduction(tmp_path):
       oct_ = decode(record["oct"])
       assert oct_.shape == (CANVAS, CANVAS)
       # 20×10 slices → 32×16 + zero padding; the central slice is index n // 2 (numeric order, not '10' < '2').
-      assert abs(int(oct_[:16].mean()) - fakes2.slice_value(int(case), n // 2)) <= 1
+      assert abs(int(oct_[:16].mean()) - multimodal_fakes.slice_value(int(case), n // 2)) <= 1
       assert not oct_[16:].any()
       if split == "train":
         np.testing.assert_array_equal(decode(record["image"]), stored(images / case / f"{case}.jpg"))
   # Mean of the 4 central B-scans (indices 4..7 of 12).
   build("gamma", tmp_path / "m", tmp_path / "d", oct_reduce="mean", oct_slices=4)
   records = read_split("gamma", "train", tmp_path / "d", oct_reduce="mean", oct_slices=4)
-  want = np.mean([fakes2.slice_value(2, k) for k in range(4, 8)])
+  want = np.mean([multimodal_fakes.slice_value(2, k) for k in range(4, 8)])
   assert abs(decode(records["0002"]["oct"])[:16].mean() - want) <= 1
   assert tfds.builder("gamma", data_dir=str(tmp_path), oct_reduce="mean", oct_slices=16).builder_config.name == "mean16"
   with pytest.raises(ValueError, match="oct_reduce"):
     tfds.builder("gamma", data_dir=str(tmp_path), oct_reduce="median")
-  assert list(common.numeric_sort_key(f"{k}_image.jpg") for k in (2, 10)) == sorted(
-      common.numeric_sort_key(f"{k}_image.jpg") for k in (10, 2))
+  assert list(file_discovery.numeric_sort_key(f"{k}_image.jpg") for k in (2, 10)) == sorted(
+      file_discovery.numeric_sort_key(f"{k}_image.jpg") for k in (10, 2))
 
 
 # ---------------------------------------------------------------------------------------------
 # MM-Retinal
 # ---------------------------------------------------------------------------------------------
 def test_mm_retinal_captions_per_modality(tmp_path):
-  expected = fakes2.write_mm_retinal(tmp_path / "m")
+  expected = multimodal_fakes.write_mm_retinal(tmp_path / "m")
   root = tmp_path / "m" / "MM_Retinal_dataset_v1"
   for config in ("cfp", "ffa"):
     builder = build("mm_retinal", tmp_path / "m", tmp_path / "d", config=config)
@@ -161,7 +147,7 @@ def test_mm_retinal_captions_per_modality(tmp_path):
   assert sorted(seen) == sorted(row["caption"] for row in expected["cfp"]["train"].values())
   np.testing.assert_array_equal(decode(cfp["figure11-01-20b"]["image"]), stored(root / "CFP" / "figure11-01-20b.JPG"))
   # No OCT folder in this download: the error says what was expected and what was found.
-  with pytest.raises(common.DatasetInputError, match=r"(?s)OCT_translated_v1\.csv.*Found under"):
+  with pytest.raises(bad_input.DatasetInputError, match=r"(?s)OCT_translated_v1\.csv.*Found under"):
     build("mm_retinal", tmp_path / "m", tmp_path / "d", config="oct")
 
 
@@ -169,7 +155,7 @@ def test_mm_retinal_captions_per_modality(tmp_path):
 # FLAIR-format dataframes
 # ---------------------------------------------------------------------------------------------
 def test_flair_dataframe_two_csvs_and_key_map(tmp_path):
-  mix = fakes2.write_flair_mix(tmp_path / "m")
+  mix = multimodal_fakes.write_flair_mix(tmp_path / "m")
   kwargs = {"csv": mix["csv"], "key_map": mix["key_map"]}
   builder = build("flair_dataframe", mix["manual_dir"], tmp_path / "d", **kwargs)
   assert "label" not in builder.info.features
@@ -190,7 +176,7 @@ def test_flair_dataframe_two_csvs_and_key_map(tmp_path):
   no_map = tfds.builder("flair_dataframe", data_dir=str(tmp_path / "d"), csv=mix["csv"][0])
   assert no_map.builder_config.name != one.builder_config.name
   # Without the key map the MESSIDOR key is looked up under manual_dir, where it is not.
-  with pytest.raises(common.DatasetInputError, match=r"row 2: no folder for dataset key '02_MESSIDOR'"):
+  with pytest.raises(bad_input.DatasetInputError, match=r"row 2: no folder for dataset key '02_MESSIDOR'"):
     build("flair_dataframe", mix["manual_dir"], tmp_path / "d2", csv=mix["csv"][0])
   with pytest.raises(ValueError, match="unknown experiment"):
     tfds.builder("flair_dataframe", data_dir=str(tmp_path), csv=mix["csv"][0], experiment="NOPE")
@@ -199,7 +185,7 @@ def test_flair_dataframe_two_csvs_and_key_map(tmp_path):
 @pytest.mark.parametrize("shots", [("60%", "20%", "20%", 1), (3, 1, 2, 0)])
 def test_flair_dataframe_experiment_reproduces_split_rows(shots, tmp_path):
   shots_train, shots_val, shots_test, fold = shots
-  refuge = fakes2.write_refuge_experiment(tmp_path / "m")
+  refuge = multimodal_fakes.write_refuge_experiment(tmp_path / "m")
   kwargs = {"csv": refuge["csv"], "experiment": "25_REFUGE", "shots_train": shots_train, "shots_val": shots_val,
             "shots_test": shots_test, "fold": fold}
   builder = build("flair_dataframe", refuge["manual_dir"], tmp_path / "d", **kwargs)
@@ -222,33 +208,34 @@ def test_flair_dataframe_experiment_reproduces_split_rows(shots, tmp_path):
 # Bad input: error names file/row; skip counts and lists it
 # ---------------------------------------------------------------------------------------------
 def _mmc_missing_oct(m):
-  (fakes2.mmc_paths(m)["oct"] / "o-w-400.jpg").unlink()
+  (multimodal_fakes.mmc_paths(m)["oct"] / "o-w-400.jpg").unlink()
 
 
 def _mmc_label_mismatch(m):
-  path = fakes2.mmc_paths(m)["test"] / "annotations" / "cfp.txt"
+  path = multimodal_fakes.mmc_paths(m)["test"] / "annotations" / "cfp.txt"
   path.write_text(path.read_text().replace("f-h-101 0", "f-h-101 2"))
 
 
 def _mmc_corrupt_oct(m):
-  fakes.truncate(fakes2.mmc_paths(m)["oct"] / "o-h-100.jpg")
+  fundus_fakes.truncate(multimodal_fakes.mmc_paths(m)["oct"] / "o-h-100.jpg")
 
 
 def _gamma_not_one_hot(m):
-  fakes.write_xlsx(fakes2.gamma_paths(m)["gt"], [["data", "non", "early", "mid_advanced"], [1, 1, 0, 0], [2, 1, 1, 0],
-                                                 [3, 0, 0, 1], [10, 1, 0, 0]])
+  fundus_fakes.write_xlsx(multimodal_fakes.gamma_paths(m)["gt"],
+                          [["data", "non", "early", "mid_advanced"], [1, 1, 0, 0], [2, 1, 1, 0], [3, 0, 0, 1],
+                           [10, 1, 0, 0]])
 
 
 def _gamma_unlabelled_case(m):
-  fakes2.write_gamma_case(fakes2.gamma_paths(m)["images"], 77, 9)
+  multimodal_fakes.write_gamma_case(multimodal_fakes.gamma_paths(m)["images"], 77, 9)
 
 
 def _gamma_corrupt_slice(m):
-  fakes.truncate(fakes2.gamma_paths(m)["images"] / "0003" / "0003" / "6_image.jpg")
+  fundus_fakes.truncate(multimodal_fakes.gamma_paths(m)["images"] / "0003" / "0003" / "6_image.jpg")
 
 
 def _gamma_missing_volume(m):
-  volume = fakes2.gamma_paths(m)["images"] / "0002" / "0002"
+  volume = multimodal_fakes.gamma_paths(m)["images"] / "0002" / "0002"
   for p in volume.iterdir():
     p.unlink()
   volume.rmdir()
@@ -259,7 +246,7 @@ def _mm_missing(m):
 
 
 def _mm_ambiguous(m):
-  fakes.write_image(m / "MM_Retinal_dataset_v1" / "CFP" / "figure01-01A.png", 5)
+  fundus_fakes.write_image(m / "MM_Retinal_dataset_v1" / "CFP" / "figure01-01A.png", 5)
 
 
 def _mm_duplicate(m):
@@ -314,15 +301,15 @@ BAD = {
 
 def _prepare(kind, manual):
   if kind == "mmc":
-    fakes2.write_mmc_amd(manual)
+    multimodal_fakes.write_mmc_amd(manual)
     return "mmc_amd", manual, {}
   if kind == "gamma":
-    fakes2.write_gamma(manual)
+    multimodal_fakes.write_gamma(manual)
     return "gamma", manual, {}
   if kind == "mm":
-    fakes2.write_mm_retinal(manual)
+    multimodal_fakes.write_mm_retinal(manual)
     return "mm_retinal", manual, {"config": "cfp"}
-  mix = fakes2.write_flair_mix(manual)
+  mix = multimodal_fakes.write_flair_mix(manual)
   return "flair_dataframe", mix["manual_dir"], {"csv": mix["csv"], "key_map": mix["key_map"]}
 
 
@@ -331,7 +318,7 @@ def test_bad_input_error_and_skip(case, tmp_path):
   kind, mutate, message, skip_kind, left, split = BAD[case]
   name, manual, kwargs = _prepare(kind, tmp_path / "m")
   mutate(tmp_path / "m")
-  with pytest.raises(common.DatasetInputError, match=message):
+  with pytest.raises(bad_input.DatasetInputError, match=message):
     build(name, manual, tmp_path / "d", **kwargs)
   assert not tfds.builder(name, data_dir=str(tmp_path / "d"), **{**KW, **kwargs}).is_prepared()
   builder = build(name, manual, tmp_path / "d", on_bad_input="skip", **kwargs)
@@ -342,11 +329,11 @@ def test_bad_input_error_and_skip(case, tmp_path):
 
 
 def test_flair_experiment_label_outside_targets(tmp_path):
-  refuge = fakes2.write_refuge_experiment(tmp_path / "m")
+  refuge = multimodal_fakes.write_refuge_experiment(tmp_path / "m")
   path = Path(refuge["csv"])
   path.write_text(path.read_text().replace("['no glaucoma']", "['suspect glaucoma']", 1))
   kwargs = {"csv": refuge["csv"], "experiment": "25_REFUGE"}
-  with pytest.raises(common.DatasetInputError, match=r"25_REFUGE\.csv row 3: first category 'suspect glaucoma' is "
+  with pytest.raises(bad_input.DatasetInputError, match=r"25_REFUGE\.csv row 3: first category 'suspect glaucoma' is "
                                                      r"not a target"):
     build("flair_dataframe", refuge["manual_dir"], tmp_path / "d", **kwargs)
   builder = build("flair_dataframe", refuge["manual_dir"], tmp_path / "d", on_bad_input="skip", **kwargs)
@@ -362,17 +349,17 @@ def test_flair_experiment_label_outside_targets(tmp_path):
 def test_flair_dataframe_header_and_missing_inputs(tmp_path):
   bad_header = tmp_path / "x.csv"
   bad_header.write_text("image,label\na/b.png,1\n")
-  with pytest.raises(common.DatasetInputError, match=r"x\.csv has header .*expected ',image,atributes,categories'"):
+  with pytest.raises(bad_input.DatasetInputError, match=r"x\.csv has header .*expected ',image,atributes,categories'"):
     build("flair_dataframe", tmp_path, tmp_path / "d", csv=str(bad_header), key_map="")
-  good = fakes2.write_refuge_experiment(tmp_path / "m")
-  with pytest.raises(common.DatasetInputError, match="neither manual_dir nor key_map"):
+  good = multimodal_fakes.write_refuge_experiment(tmp_path / "m")
+  with pytest.raises(bad_input.DatasetInputError, match="neither manual_dir nor key_map"):
     build("flair_dataframe", None, tmp_path / "d", csv=good["csv"])
-  with pytest.raises(common.DatasetInputError, match="no dataframe given"):
+  with pytest.raises(bad_input.DatasetInputError, match="no dataframe given"):
     build("flair_dataframe", tmp_path / "m", tmp_path / "d")
 
 
 def test_cli_builds_flair_dataframe(tmp_path):
-  mix = fakes2.write_flair_mix(tmp_path / "m")
+  mix = multimodal_fakes.write_flair_mix(tmp_path / "m")
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
   run = subprocess.run([sys.executable, "-m", "jaxretina.datasets", "build", "flair_dataframe", "--csv", *mix["csv"],
                         "--key_map", mix["key_map"], "--manual_dir", mix["manual_dir"], "--data_dir",
@@ -387,8 +374,8 @@ def test_cli_builds_flair_dataframe(tmp_path):
 def test_mmc_amd_image_copies_in_split_folders_and_missing_split_package(tmp_path):
   import shutil
 
-  expected = fakes2.write_mmc_amd(tmp_path / "m")
-  paths = fakes2.mmc_paths(tmp_path / "m")
+  expected = multimodal_fakes.write_mmc_amd(tmp_path / "m")
+  paths = multimodal_fakes.mmc_paths(tmp_path / "m")
   shared = paths["root"] / "mmc-amd" / "ImageData"
   for disk in ("train", "val", "test"):  # copied without symlinks: each split folder holds its own ImageData
     folder = paths["root"] / f"mmc-amd-splitA-{disk}"
@@ -400,8 +387,8 @@ def test_mmc_amd_image_copies_in_split_folders_and_missing_split_package(tmp_pat
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {s: len(v) for s, v in expected.items()}
   # Only the image package, no split package: the error names the split folders it expected.
   only_images = tmp_path / "images_only" / "mmc-amd" / "ImageData" / "cfp-clahe-448x448"
-  fakes.write_image(only_images / "f-h-100.jpg", 0)
-  with pytest.raises(common.DatasetInputError, match=r"(?s)mmc-amd-splitAP-train/ImageSets/.*Found under"):
+  fundus_fakes.write_image(only_images / "f-h-100.jpg", 0)
+  with pytest.raises(bad_input.DatasetInputError, match=r"(?s)mmc-amd-splitAP-train/ImageSets/.*Found under"):
     build("mmc_amd", tmp_path / "images_only", tmp_path / "d", config="splitAP")
 
 
@@ -409,18 +396,18 @@ def test_multi_image_jobs_run_in_worker_processes(tmp_path):
   """The extra-image jobs pickle into spawned workers and give what the in-process path gives."""
   from jaxretina.datasets import gamma, mmc_amd
 
-  fakes2.write_gamma(tmp_path / "m")
-  images = fakes2.gamma_paths(tmp_path / "m")["images"]
-  slices = tuple(str(images / "0001" / "0001" / f"{k}_image.jpg") for k in range(fakes2.GAMMA_SLICES))
-  fakes.truncate(images / "0002" / "0002" / "6_image.jpg")
-  bad_slices = tuple(str(images / "0002" / "0002" / f"{k}_image.jpg") for k in range(fakes2.GAMMA_SLICES))
-  options = common.ImageOptions(canvas_size=CANVAS)
+  multimodal_fakes.write_gamma(tmp_path / "m")
+  images = multimodal_fakes.gamma_paths(tmp_path / "m")["images"]
+  slices = tuple(str(images / "0001" / "0001" / f"{k}_image.jpg") for k in range(multimodal_fakes.GAMMA_SLICES))
+  fundus_fakes.truncate(images / "0002" / "0002" / "6_image.jpg")
+  bad_slices = tuple(str(images / "0002" / "0002" / f"{k}_image.jpg") for k in range(multimodal_fakes.GAMMA_SLICES))
+  options = image_encoding.ImageOptions(canvas_size=CANVAS)
   jobs = [((("oct", mmc_amd.ImageJob(gamma.process_volume, (s, reduce, 4), "v")),
-            ("grey", mmc_amd.ImageJob(mmc_amd.process_grey_image, (s[0],), s[0]))), options)
+            ("grey", mmc_amd.ImageJob(image_encoding.process_grey_image, (s[0],), s[0]))), options)
           for s in (slices, bad_slices) for reduce in ("center", "max")]
-  serial = list(common.parallel_map(mmc_amd._run_jobs, jobs, 1))
-  parallel = list(common.parallel_map(mmc_amd._run_jobs, jobs, 2, chunk_size=1, min_parallel=0))
+  serial = list(process_pool.parallel_map(mmc_amd._run_jobs, jobs, 1))
+  parallel = list(process_pool.parallel_map(mmc_amd._run_jobs, jobs, 2, chunk_size=1, min_parallel=0))
   assert parallel == serial
   assert [[ok for _, ok, _, _ in r] for r in serial] == [[True, True], [True, True], [False], [False]]
   peak = decode(serial[1][0][2])[:16].max()
-  assert abs(int(peak) - fakes2.slice_value(1, 7)) <= 1  # max over central slices 4..7
+  assert abs(int(peak) - multimodal_fakes.slice_value(1, 7)) <= 1  # max over central slices 4..7

@@ -1,6 +1,6 @@
 """Tiny FAKE image-folder trees (docs/datasets.md#derived-layouts): RETFound benchmark splits and a GDRBench dataset.
 
-Like ``dataset_fakes``: each ``write_<layout>(manual_dir)`` writes a handful of small images in the
+Like ``fake_fundus_downloads``: each ``write_<layout>(manual_dir)`` writes a handful of small images in the
 real layout and returns what a correct ``image_folder`` build must produce,
 ``{split: {id: expected features}}`` (``id`` = ``<class>/<file>`` within the split).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataset_fakes import junk, write_image
+from fake_fundus_downloads import junk, write_image
 
 # RETFound's APTOS2019 split folders: class folders named by grade, one class missing from val.
 RETFOUND_CLASSES = ["anodr", "bmild", "cmoderate", "dsevere", "eproliferative"]
