@@ -4,6 +4,7 @@ and config.profile_steps."""
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 import jax
@@ -102,7 +103,14 @@ def test_mfu_peak_table_matches_device_kinds():
 def test_classification_torch_references_have_our_parameter_count(tmp_path, name):
   from test_classification import tiny_config
 
+  from jaxretina import bench_torch
+  from jaxretina.train import distributed
+
   config = tiny_config(name, str(tmp_path / "data"), steps=100)
-  result = step_bench.benchmark(config, steps=1, warmup=1, min_cpu_share=0.0, against_torch=True)
-  assert result["torch_parameters"] == result["jaxretina_parameters"]
-  assert result["speed_jaxretina_over_torch"] > 0 and result["loss_finite"]
+  mesh = distributed.make_mesh(config.mesh)
+  task = loop.get_task(config, mesh)
+  batch = jax.device_get(loop.next_batch(task.data_streams(mesh), mesh))
+  ours = sum(int(x.size) for x in jax.tree.leaves(jax.eval_shape(task.init_state, jax.random.PRNGKey(0)).params))
+  step, torch_parameters, _ = bench_torch.reference_step(config, batch, task)
+  assert torch_parameters == ours
+  assert math.isfinite(step())  # the reference step runs
