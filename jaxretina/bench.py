@@ -95,7 +95,7 @@ def _print_input(result: dict) -> None:
 
 def main(argv) -> None:
   del argv
-  logs.configure(debug=os.environ.get("JAXRETINA_DEBUG", "") not in ("", "0"))
+  logs.configure(debug=logs.debug_requested())
   if _INPUT.value:
     result = input_bench.run(data_dir=_DATA_DIR.value, dataset=_INPUT_DATASET.value, split=_INPUT_SPLIT.value,
                              num_records=_INPUT_RECORDS.value, image_size=_INPUT_IMAGE_SIZE.value,

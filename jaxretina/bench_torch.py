@@ -28,6 +28,11 @@ def _torch():
   return torch
 
 
+def threads() -> int:
+  """The intra-op threads PyTorch runs its reference step on."""
+  return _torch().get_num_threads()
+
+
 def _resnet(torch, block: str, layers, base_width: int, width_per_group: int = 64, last_stride: int = 2,
             in_channels: int = 3, use_maxpool: bool = True):
   """torchvision's ResNet without its classifier (torchvision is not a dependency)."""

@@ -25,6 +25,11 @@ class QuietThirdPartyLogs(logging.Filter):
     return True
 
 
+def debug_requested(flag: bool = False) -> bool:
+  """``--debug`` or ``JAXRETINA_DEBUG=1``: full tracebacks and every library's INFO lines."""
+  return flag or os.environ.get("JAXRETINA_DEBUG", "") not in ("", "0")
+
+
 def configure(debug: bool) -> None:
   """INFO for jaxretina; with ``debug`` every library's INFO and tracebacks too."""
   root = logging.getLogger()

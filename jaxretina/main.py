@@ -62,7 +62,7 @@ def _explain_override_error(argv) -> None:
 
 
 def debug_mode() -> bool:
-  return _DEBUG.value or os.environ.get("JAXRETINA_DEBUG", "") not in ("", "0")
+  return logs.debug_requested(_DEBUG.value)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

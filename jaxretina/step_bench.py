@@ -51,7 +51,6 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
   state = jax.jit(task.init_state, out_shardings=shardings)(rng)
   streams = task.data_streams(mesh)
   batch = loop.next_batch(streams, mesh)
-  host_batch = jax.device_get(batch)
   step_fn = jax.jit(task.train_step, in_shardings=(shardings, distributed.batch_sharding(mesh)),
                     out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
   t0 = time.perf_counter()
@@ -70,12 +69,12 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
   torch_step = None
   result_torch = {}
   if against_torch:
-    torch_step, torch_params, differences = bench_torch.reference_step(config, host_batch, task)
+    torch_step, torch_params, differences = bench_torch.reference_step(config, jax.device_get(batch), task)
     for _ in range(warmup):
       torch_step()
     ours = sum(int(x.size) for x in jax.tree.leaves(state.params))
     result_torch = {"torch_parameters": torch_params, "jaxretina_parameters": ours,
-                    "torch_reference_differs": differences}
+                    "torch_reference_differs": differences, "torch_threads": bench_torch.threads()}
 
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -87,7 +86,6 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
   median, kept = _median_kept(ours_samples, min_cpu_share, on_cpu)
   peak, peak_kind = _peak_memory_bytes(jax.local_devices())
   device = jax.devices()[0]
-  per_device_flops = flops  # the compiled SPMD program is one device's share
   result = {
       "config_task": config.task,
       "devices": f"{jax.device_count()} x {device.device_kind}",
@@ -101,15 +99,15 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
       "kept_rule": f"cpu/(wall*{cores}) >= {min_cpu_share}" if on_cpu else "all",
       "peak_memory_mb": round(peak / 2**20, 1),
       "peak_memory_kind": peak_kind,
-      "model_tflop_per_step": round(per_device_flops * jax.device_count() / 1e12, 4) if flops else None,
-      "achieved_tflop_s_per_device": round(per_device_flops / median / 1e12, 4) if flops else None,
+      "model_tflop_per_step": round(flops * jax.device_count() / 1e12, 4) if flops else None,
+      "achieved_tflop_s_per_device": round(flops / median / 1e12, 4) if flops else None,
       "compute_dtype": configlib.compute_dtype(config).name,
       "loss_finite": bool(jax.device_get(metrics["loss"]) == jax.device_get(metrics["loss"])),
   }
   dtype = configlib.compute_dtype(config).name
   peak_flops = profiling.peak_flops_per_device(device, dtype)
   if flops and peak_flops:
-    result["mfu"] = round(per_device_flops / median / peak_flops, 4)
+    result["mfu"] = round(flops / median / peak_flops, 4)
     result["mfu_peak_tflop_s"] = peak_flops / 1e12
   elif flops:
     result["mfu"] = f"n/a (no peak FLOP/s on record for {device.device_kind!r}, {dtype})"
@@ -117,14 +115,13 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
     torch_median, torch_kept = _median_kept(torch_samples, min_cpu_share, on_cpu)
     result.update(result_torch)
     result.update({"torch_step_s_median": round(torch_median, 4), "torch_steps_kept": torch_kept,
-                   "torch_threads": __import__("torch").get_num_threads(),
                    "speed_jaxretina_over_torch": round(torch_median / median, 3)})
   if profile_top or profile_dir:
     import tempfile
 
     directory = profile_dir or tempfile.mkdtemp(prefix="jaxretina_profile_")
     traced_steps = 3
-    trace_path = profiling.trace(lambda: jax_step(), directory, traced_steps)
+    trace_path = profiling.trace(jax_step, directory, traced_steps)
     rows = profiling.top_ops(trace_path, traced_steps, compiled.as_text())
     result["profile"] = trace_path
     result["profile_summary"] = profiling.summary(rows)

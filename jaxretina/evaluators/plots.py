@@ -95,6 +95,16 @@ def _min_max(heat: np.ndarray) -> np.ndarray:
   return np.zeros_like(heat) if hi - lo <= 0.0 else (heat - lo) / (hi - lo)
 
 
+def _checked_heat(heat, where: str) -> np.ndarray:
+  """A finite, non-empty (h, w) heat map as float64; errors name the caller."""
+  heat = np.asarray(heat, np.float64)
+  if heat.ndim != 2 or 0 in heat.shape:
+    raise ValueError(f"{where}: expected a (h, w) heat map, got shape {heat.shape}")
+  if not np.all(np.isfinite(heat)):
+    raise ValueError(f"{where}: expected a finite heat map, got NaN/Inf values")
+  return heat
+
+
 def heatmap_overlay(image_uint8, heat, alpha: float = 0.5) -> np.ndarray:
   """Blends a jet-coloured ``heat`` (h, w) over ``image_uint8`` (H, W, 3); returns (H, W, 3) uint8.
 
@@ -104,11 +114,7 @@ def heatmap_overlay(image_uint8, heat, alpha: float = 0.5) -> np.ndarray:
   image = np.asarray(image_uint8)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"heatmap_overlay: expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-  heat = np.asarray(heat, np.float64)
-  if heat.ndim != 2 or 0 in heat.shape:
-    raise ValueError(f"heatmap_overlay: expected a (h, w) heat map, got shape {heat.shape}")
-  if not np.all(np.isfinite(heat)):
-    raise ValueError("heatmap_overlay: expected a finite heat map, got NaN/Inf values")
+  heat = _checked_heat(heat, "heatmap_overlay")
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"heatmap_overlay: expected alpha in [0, 1], got {alpha}")
   heat = resize_bilinear(_min_max(heat), image.shape[:2])
@@ -178,11 +184,7 @@ def heatmap_figure(image_uint8, heat, *, box: tuple[float, float, float, float] 
     image = np.repeat(image, 3, axis=-1)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
     raise ValueError(f"heatmap_figure: expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-  heat = np.asarray(heat, np.float64)
-  if heat.ndim != 2 or 0 in heat.shape:
-    raise ValueError(f"heatmap_figure: expected a (h, w) heat map, got shape {heat.shape}")
-  if not np.all(np.isfinite(heat)):
-    raise ValueError("heatmap_figure: expected a finite heat map, got NaN/Inf values")
+  heat = _checked_heat(heat, "heatmap_figure")
   height, width = image.shape[:2]
   box = (0.0, 0.0, float(height), float(width)) if box is None else tuple(float(v) for v in box)
   scale = _display_scale(height, width, min_side, max_side)

@@ -139,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = Progress(total, start, task.global_batch_size)
   final: dict[str, float] = {}
   stop_reason, stopped_at = None, None
+  compute_dtype = configlib.compute_dtype(config).name  # named in the non-finite-loss message
   profiler = profiling.StepProfiler(config.get("profile_steps", ""), fileio.join(workdir, "profile"))
   t_start = time.perf_counter()
   compile_s = None
@@ -166,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       is_epoch_eval = bool(epoch_eval_every) and step % epoch_eval_every == 0
       is_eval = (eval_every and step % eval_every == 0) or is_epoch_eval or step == total
       if is_log or is_ckpt or is_eval:
-        scalars = _finite_or_raise(jax.device_get(metrics), step, checkpointer, configlib.compute_dtype(config).name)
+        scalars = _finite_or_raise(jax.device_get(metrics), step, checkpointer, compute_dtype)
         progress.update(step, loss=scalars.get("loss", float("nan")))
         scalars["img_per_s"] = progress.img_per_s
         writer.write(step, scalars)
