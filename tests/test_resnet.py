@@ -192,3 +192,28 @@ def test_bfloat16_compute():
   assert variables["params"]["conv1"]["kernel"].dtype == jnp.float32
   out = model.apply(variables, x)
   assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_materialize_is_the_identity_and_keeps_the_residual_stream_in_its_own_buffer():
+  """layers.materialize: same values and gradients as the identity (NaN included), and on XLA:CPU a
+  conditional per block boundary and per inner activation, which fusion cannot cross."""
+  from jaxretina.models import layers
+
+  x = jnp.array([[1.0, -2.0], [jnp.nan, 4.0]])
+  np.testing.assert_array_equal(np.asarray(jax.jit(layers.materialize)(x)), np.asarray(x))
+  nan_first = jnp.array([jnp.nan, 3.0])
+  np.testing.assert_array_equal(np.asarray(jax.jit(layers.materialize)(nan_first)), np.asarray(nan_first))
+  grad = jax.grad(lambda v: jnp.sum(jnp.sin(layers.materialize(v)) * 3.0))(jnp.array([0.5, 1.5]))
+  np.testing.assert_allclose(np.asarray(grad), 3.0 * np.cos([0.5, 1.5]), rtol=1e-6)
+
+  model = resnet.ResNet(block="bottleneck", layers=(2, 1, 1, 1), base_width=8, num_classes=3)
+  variables, images = _init(model, (2, 32, 32, 3))
+
+  def loss(params):
+    out, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+  blocks, inner_per_block = 5, 2
+  # Forward and backward each carry one conditional per materialised value.
+  assert hlo.count("stablehlo.case") + hlo.count("stablehlo.if") >= blocks * (1 + inner_per_block)

@@ -71,6 +71,25 @@ def check_remat(mode: str, owner: str) -> str:
   return mode
 
 
+def materialize(x: jax.Array) -> jax.Array:
+  """``x`` unchanged, computed once into its own buffer on XLA:CPU (elsewhere: ``x`` itself).
+
+  XLA:CPU fuses cheap elementwise producers into every consumer, duplicating them. Through a
+  ResNet stage that is a chain: each block's output ``relu(bn3(conv3) + identity)`` is recomputed
+  from all the earlier blocks' convolution outputs inside every fusion that reads it — most
+  expensively the transposes feeding the backward pass's weight-gradient convolutions (a fifth of
+  DualAttendMed's step). ``lax.optimization_barrier`` does not stop this (XLA removes it before
+  fusion); a conditional does, as fusion never crosses its boundary. Both branches return ``x``
+  (the second also for NaN, where the predicate is false), so values and gradients are exactly
+  those of the identity. Accelerator compilers fuse without this duplication, and a conditional
+  there would cost a synchronisation, so only CPU gets it.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  probe = jax.lax.stop_gradient(x.reshape(-1)[0])
+  return jax.lax.cond(probe == probe, lambda v: v, lambda v: v * 1, x)
+
+
 _REMAT_CACHE: dict = {}
 
 

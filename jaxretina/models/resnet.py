@@ -74,7 +74,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = _bn_factory(self, train)
     out = _conv(self, self.planes, 3, self.stride, 1, self.conv_bias, "conv1")(x)
-    out = nn.relu(bn("bn1")(out))
+    out = layers.materialize(nn.relu(bn("bn1")(out)))
     out = _conv(self, self.planes, 3, 1, 1, self.conv_bias, "conv2")(out)
     out = bn("bn2", zero=self.zero_init_residual)(out)
     identity = _downsample(self, x, self.planes, train) if self.downsample else x
@@ -103,8 +103,9 @@ class Bottleneck(nn.Module):
     bn = _bn_factory(self, train)
     width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
     out_ch = self.planes * EXPANSION["bottleneck"]
-    out = nn.relu(bn("bn1")(_conv(self, width, 1, 1, 0, False, "conv1")(x)))
-    out = nn.relu(bn("bn2")(_conv(self, width, 3, self.stride, 1, False, "conv2", groups=self.groups)(out)))
+    out = layers.materialize(nn.relu(bn("bn1")(_conv(self, width, 1, 1, 0, False, "conv1")(x))))
+    out = _conv(self, width, 3, self.stride, 1, False, "conv2", groups=self.groups)(out)
+    out = layers.materialize(nn.relu(bn("bn2")(out)))
     out = bn("bn3", zero=self.zero_init_residual)(_conv(self, out_ch, 1, 1, 0, False, "conv3")(out))
     identity = _downsample(self, x, out_ch, train) if self.downsample else x
     return nn.relu(out + identity)
@@ -227,7 +228,9 @@ class ResNet(nn.Module):
     if name not in STAGES[1:5]:
       raise ValueError(f"ResNet.stage({name!r}): expected one of {STAGES[1:5]}")
     for blk in getattr(self, name):
-      x = blk(x, train)  # positional: a remat block takes train as a static argument, not a keyword
+      # The residual stream is materialised between blocks (layers.materialize: XLA:CPU would
+      # otherwise recompute the whole chain of earlier blocks inside each consumer).
+      x = blk(layers.materialize(x), train)  # train positional: static under remat
     return x
 
   def head(self, x: jax.Array) -> jax.Array:
