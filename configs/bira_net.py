@@ -34,31 +34,23 @@ DR_GRADES = list(synthetic.CLASS_NAMES[:5])
 
 def get_config(arg=None):
   arg = parse_arg(arg, paper=False, synthetic=False, variant="bira_net", steps=0)
+  # config.model / config.loss: declared in jaxretina/systems/bira_net.py (the paper's grading loss;
+  # loss.name='ce' reproduces upstream train(), which minimises plain CE: the parity handler runs it).
   c = classification_config("bira_net", steps=arg.steps)
   c.model.variant = arg.variant
-  c.model.matmul_masking = False  # upstream quirk (models/bira.py): True reproduces the matmul masking
-  c.model.dropout_rate = 0.5
-  # The paper's grading loss (InterclassLoss made differentiable). Upstream quirk: train() never
-  # trains it -- the line using it is commented out -- and minimises plain CE on KeNet's
-  # log-probabilities; loss.name='ce' reproduces that (the train-step parity handler runs it).
-  c.loss.name = "grading"
-  # Upstream's InterclassLoss re-wraps its value in a fresh leaf: True reproduces that value with no
-  # gradient at all (nothing trains; for checking the value only, not a training recipe).
-  c.loss.detach_loss = False
   c.data.normalize = "bira_pixel_mean"
-  c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
+  c.augment.hflip = 0.5
 
   if arg.paper:
     c.data.name = "eyepacs"
     c.data.num_classes = 5
     c.data.class_names = ["no DR", "mild", "moderate", "severe", "proliferative DR"]
     c.data.image_size = 610
-    c.data.sampling = dict(class_weights=[1.0, 10.0, 8.0, 20.0, 21.0], samples_per_epoch=32000)
-    c.model.backbone = dict(block="bottleneck", layers=(3, 4, 6, 3), base_width=64)
+    c.data.sampling.update(class_weights=[1.0, 10.0, 8.0, 20.0, 21.0], samples_per_epoch=32000)
+    c.model.backbone.update(block="bottleneck", layers=(3, 4, 6, 3), base_width=64)
     # As upstream train(): the trunk's stem, layer1, layer2 and the constant-1 up_c2 stay frozen (per branch).
-    c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=1e-8, grad_clip=0.0,
-                       frozen=bira.upstream_frozen_patterns(arg.variant))
-    c.schedule = dict(name="constant", lr=2e-4)
+    c.optimizer.update(name="sgd", momentum=0.9, weight_decay=1e-8, frozen=bira.upstream_frozen_patterns(arg.variant))
+    c.schedule.update(name="constant", lr=2e-4)
     c.batch_size = 30
     c.epochs = 10
     c.seed = 1
@@ -77,9 +69,9 @@ def get_config(arg=None):
     c.data.num_classes = 5
     c.data.class_names = DR_GRADES
     c.data.image_size = 64
-    c.model.backbone = dict(block="basic", layers=(1, 1, 1, 1), base_width=16)
-    c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=1.0, frozen=[])
-    c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
+    c.model.backbone.update(block="basic", layers=(1, 1, 1, 1), base_width=16)
+    c.optimizer.update(name="adamw", weight_decay=1e-4, grad_clip=1.0)
+    c.schedule.update(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
     c.batch_size = 32
     c.epochs = 12
     c.checkpoint_every = 200

@@ -42,12 +42,9 @@ def get_config(arg=None):
   c.data.fields = "image:3,oct:1"
   c.data.num_classes = len(synthetic_oct.CLASS_NAMES)
   c.data.class_names = list(synthetic_oct.CLASS_NAMES)
-  c.model.backbone_block = "basic"
-  c.model.num_heads = 4
-  c.model.cross_dim = 0  # 0 = upstream's 2× the tower channels (1024 for ResNet-18)
-  c.model.skip_stem_maxpool = False  # upstream quirk (models/crdnet.py); True reproduces it
-  c.loss.head_weights = [1.0, 1.0, 1.0]
-  c.augment = dict(hflip=0.0, rotation=180.0, resized_crop_scale=None, brightness=0.0, saturation=0.0)
+  # config.model / config.loss: declared in jaxretina/systems/crd_net.py (upstream's ResNet-18 towers,
+  # 4 heads, cross_dim 0 = 2× the tower channels, the three heads' CE weighted 1, 1, 1).
+  c.augment.update(hflip=0.0, rotation=180.0)
 
   if arg.paper:
     c.data.name = "mmc_amd"
@@ -57,8 +54,8 @@ def get_config(arg=None):
     c.data.image_size = 448
     c.model.backbone_layers = (2, 2, 2, 2)
     c.model.backbone_base_width = 64
-    c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=0.0, grad_clip=0.0, frozen=[])
-    c.schedule = dict(name="constant", lr=1e-3)
+    c.optimizer.update(name="sgd", momentum=0.9, weight_decay=0.0)
+    c.schedule.update(name="constant", lr=1e-3)
     c.batch_size = 8
     c.epochs = 150
     c.eval_every = 500
@@ -72,8 +69,8 @@ def get_config(arg=None):
     # Attention4D's value width is 4·heads·cross_dim (16,384 channels at upstream's 2× the tower
     # channels); 32 keeps the local run in minutes.
     c.model.cross_dim = 32
-    c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=1.0, frozen=[])
-    c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
+    c.optimizer.update(name="adamw", weight_decay=1e-4, grad_clip=1.0)
+    c.schedule.update(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
     c.batch_size = 32
     c.epochs = 8
     c.checkpoint_every = 200

@@ -34,31 +34,16 @@ from jaxretina.models import wsdan
 
 def get_config(arg=None):
   arg = parse_arg(arg, paper=False, synthetic=False, variant="dualattendmed", steps=0)
+  # config.model / config.loss: declared in jaxretina/systems/wsdan.py (DualAttendMed's values).
   c = classification_config("wsdan", steps=arg.steps)
   c.model.variant = arg.variant
-  c.model.num_attentions = 32
-  # Upstream quirks (models/wsdan.py): False/True are the intended behaviour.
-  c.model.pick_with_replacement = False
-  c.model.clamp_negative_attention_mass = True
-  c.loss.center_beta = 0.05
-  c.loss.share_batch_mean = False  # DualAttendMed adds the whole batch's mean to every present class
-  c.loss.lambdas = [1.0, 0.5, 0.1]
-  c.loss.aux_weight = 0.01
-  c.loss.aux_margin = 1.0  # upstream: an uninitialised torch.Tensor(1)
-  c.loss.drop_last_mask_row = False
   if arg.variant == "cal":
     c.loss.crop_theta = [0.4, 0.6]
     c.loss.drop_theta = [0.2, 0.5]
     c.loss.eval_crop_theta = 0.1
     c.loss.eval_crop_padding = 0.05
-  else:
-    c.loss.crop_theta = 0.5
-    c.loss.drop_theta = 0.5
-    c.loss.eval_crop_theta = 0.5
-    c.loss.eval_crop_padding = 0.1
-  c.loss.crop_padding = 0.1
   c.evals.classification.cam_iou = True
-  c.init.backbone = ""  # torchvision ResNet .pth for the backbone (upstream: resnet152-b121ed2d.pth)
+  # config.init.backbone: the torchvision ResNet .pth of the backbone (upstream: resnet152-b121ed2d.pth).
 
   if arg.paper:
     c.data.name = "aptos2019"
@@ -69,9 +54,9 @@ def get_config(arg=None):
     c.data.crop_size = 224
     c.model.backbone_layers = tuple(wsdan.BACKBONES["resnet152"])
     c.model.backbone_base_width = 64
-    c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.126, saturation=0.5)
-    c.optimizer = dict(name="sgd", momentum=0.9, weight_decay=1e-5, grad_clip=0.0, frozen=[])
-    c.schedule = dict(name="epoch_step_decay", lr=1e-3, gamma=0.8, every_epochs=10)
+    c.augment.update(hflip=0.5, brightness=0.126, saturation=0.5)
+    c.optimizer.update(name="sgd", momentum=0.9, weight_decay=1e-5)
+    c.schedule.update(name="epoch_step_decay", lr=1e-3, gamma=0.8, every_epochs=10)
     c.batch_size = 16
     c.epochs = 40
     c.evals.classification.split = "test"
@@ -87,10 +72,10 @@ def get_config(arg=None):
     c.model.backbone_layers = (1, 1, 1, 1)
     c.model.backbone_base_width = 16
     c.model.num_attentions = 8
-    c.augment = dict(hflip=0.5, rotation=0.0, resized_crop_scale=None, brightness=0.126, saturation=0.5)
+    c.augment.update(hflip=0.5, brightness=0.126, saturation=0.5)
     # From scratch on 2000 images: AdamW learns in minutes where the fine-tuning SGD rate would not.
-    c.optimizer = dict(name="adamw", weight_decay=1e-4, grad_clip=0.0, frozen=[])
-    c.schedule = dict(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
+    c.optimizer.update(name="adamw", weight_decay=1e-4)
+    c.schedule.update(name="warmup_cosine", lr=2e-3, warmup_steps=30, eta_min=0.0)
     c.batch_size = 32
     c.epochs = 10
     c.checkpoint_every = 200

@@ -27,73 +27,32 @@ The datasets are built with ``python -m jaxretina.datasets build flair_dataframe
 (``launch/tpu_vm.sh``, ``launch/slurm.sh``); ``--config.mesh`` changes the device layout,
 e.g. ``--config.mesh=data:-1,fsdp:4``.
 
-Config arguments: ``paper`` (published recipe), ``kd=False`` (FLAIR objective), ``steps=N`` (override
-the step count, e.g. for smoke tests).
+Config arguments: ``paper`` (published recipe), ``kd=False`` (FLAIR objective: ``config.kd.enabled``
+off, the expert-knowledge pairs stream unused), ``steps=N`` (override the step count, e.g. for smoke
+tests). The fields and their defaults are declared in ``jaxretina.configlib.contrastive_config`` and
+``jaxretina/systems/flair.py``; this file only overrides values.
 
 ``--config.remat=blocks`` recomputes each ResNet block and BERT layer in the backward pass: less
 activation memory for one more forward pass of them ('dots' keeps the conv/Dense outputs; default 'none').
 """
 
-import os
-
-import ml_collections
-
 from jaxretina import configlib
-from jaxretina.configlib import parse_arg
+from jaxretina.configlib import contrastive_config, parse_arg
 from jaxretina.data import synthetic
 from jaxretina.text import prompts
 
 
-
 def get_config(arg=None):
   arg = parse_arg(arg, paper=False, synthetic=False, kd=True, steps=0)
-  c = ml_collections.ConfigDict()
-  c.task = "contrastive"
+  c = contrastive_config("flair", steps=arg.steps)
   c.seed = 42
-  c.mesh = "data:-1"  # axis:size list; e.g. --config.mesh=data:-1,fsdp:4
-  # Run each step as K sequential microbatches (gradients summed; contrastive losses keep every
-  # negative through GradCache); BatchNorm then normalises per microbatch.
-  c.microbatches = 1
-  # > 0: the global batch is this × the devices of the mesh (config.batch_size is then not used), so
-  # one command keeps the recipe's per-device batch on any number of GPUs/TPU chips.
-  c.per_device_batch_size = 0
-  c.dtype = "auto"  # activations: bfloat16 on GPU/TPU, float32 on CPU (configlib.compute_dtype); params stay fp32
-  c.remat = "none"  # activation rematerialisation of ResNet blocks / BERT layers: 'none' | 'blocks' | 'dots'
-  c.distributed = dict(coordinator_address="", num_processes=0, process_id=-1)
-
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = os.environ.get("JAXRETINA_DATA_DIR", os.path.expanduser("~/.cache/jaxretina/datasets"))
-  c.data.caption_template = "A [ATR] fundus photograph of [CLS]"
-  c.data.augment_description = True
   # Upstream pretraining drops the OOD categories; KeepFIT matches them exactly, FLAIR as substrings.
   c.data.banned_categories = list(prompts.BANNED_CATEGORIES)
   c.data.banned_match = "exact"
   c.data.balance = False  # KeepFIT samples its mix uniformly (FLAIR: dataset-balanced, configs/flair.py)
-
-  c.text = ml_collections.ConfigDict()
-  c.text.pretrained_dir = ""  # a local HF BERT directory (config.json + weights); '' = train from scratch
-  c.kd = ml_collections.ConfigDict(dict(enabled=arg.kd, split="expert", use_caption=True, targets="identity",
-                                        weight=100.0, name="", data_dir="", builder_kwargs=None))
-  c.model = ml_collections.ConfigDict()
-  c.model.attention_heads = 2
-  c.model.attention_dropout = 0.5
-  # Upstream KeepFIT calls F.softmax without dim → a softmax over heads
-  # (docs/systems.md#keepfit-expert-revision-attention).
-  # False (default) is the paper's attention over the knowledge keys.
-  c.model.softmax_over_heads = False
-  c.model.text_pooling = "all_positions"  # FLAIR: mean over every token incl. [PAD]; 'masked' to ignore padding
-  c.model.proj_bias = False
-  c.model.logit_scale_init = 0.07
-  c.init = dict(checkpoint="", vision_checkpoint="", text_pretrained="")
-  c.optimizer = dict(name="adamw", weight_decay=1e-5, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8)
-  c.schedule = dict(name="flair_warmup_cosine", lr=1e-4, warmup_epochs=1.0, max_epochs=100.0, eta_min=0.0)
-  c.loss = dict(contrastive_scope="global")
-  c.augment = "flair"
-  c.keep_checkpoints = 3
-  c.async_checkpointing = True
-  c.log_every = 20
-  c.profile_steps = ""  # 'START,END': a jax.profiler trace of those steps under WORKDIR/profile
-  c.total_steps = arg.steps
+  c.kd.enabled = arg.kd  # the config argument kd=False: FLAIR's objective (configs/flair.py)
+  c.optimizer.update(name="adamw", weight_decay=1e-5, grad_clip=1.0)
+  c.schedule.update(name="flair_warmup_cosine", lr=1e-4, warmup_epochs=1.0, max_epochs=100.0)
 
   if arg.paper:
     c.data.name = "flair_dataframe"
@@ -106,8 +65,8 @@ def get_config(arg=None):
     c.kd.split = "train"
     c.text.tokenizer = ""  # set to the Bio_ClinicalBERT directory
     c.text.max_length = 256  # KeepFIT's tokenizer.model_max_length
-    c.text.bert = dict()
-    c.model.vision = dict(block="bottleneck", layers=(3, 4, 6, 3), width_per_group=64, base_width=64)
+    c.text.bert = dict()  # Bio_ClinicalBERT's own config.json (text.pretrained_dir)
+    c.model.vision.update(block="bottleneck", layers=(3, 4, 6, 3), width_per_group=64, base_width=64)
     c.model.proj_dim = 512
     c.batch_size = 24 * 8
     c.epochs = 40
@@ -128,7 +87,7 @@ def get_config(arg=None):
     c.text.max_length = 32
     c.text.bert = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                        max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    c.model.vision = dict(block="bottleneck", layers=(1, 1, 1, 1), width_per_group=64, base_width=16)
+    c.model.vision.update(block="bottleneck", layers=(1, 1, 1, 1), width_per_group=64, base_width=16)
     c.model.proj_dim = 128
     c.batch_size = 32
     c.epochs = 8

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxretina import fileio
+from jaxretina import configlib, fileio
 from jaxretina.evaluators.zero_shot import TwoTowerRun, prompt_of
 from jaxretina.models import bert as bert_lib
 from jaxretina.models import convert, flair
@@ -55,7 +55,8 @@ class Run(NamedTuple):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The run's ``config.json`` as a ConfigDict."""
+  """The run's ``config.json`` as a ConfigDict, over the declared defaults (``configlib.with_defaults``:
+  a field declared after the run was trained reads as its default)."""
   path = fileio.join(workdir, "config.json")
   if not fileio.isfile(path):
     raise FileNotFoundError(f"{workdir}: no config.json — not a jaxretina workdir (a training run writes "
@@ -67,7 +68,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(fields, dict) or fields.get("task") not in KINDS:
     raise ValueError(f"{path}: config.task={fields.get('task') if isinstance(fields, dict) else None!r}; "
                      f"expected one of {KINDS}")
-  return ml_collections.ConfigDict(fields)
+  return configlib.with_defaults(fields)
 
 
 # The checkpoints of the run, and the one of its best epoch-end evaluation (config.early_stopping.keep_best).
@@ -190,10 +191,10 @@ def load_two_tower(checkpoint: str, *, text_dir: str | None = None, step: int | 
   if fileio.isdir(checkpoint):  # a workdir, local or gs://
     config = load_config(checkpoint)
     if config.task != "contrastive":
-      raise ValueError(f"{checkpoint}: a {config.task} run ({config.model.get('name', '?')}); a two-tower "
+      raise ValueError(f"{checkpoint}: a {config.task} run ({config.model.name}); a two-tower "
                        "(task='contrastive') FLAIR/KeepFIT run is needed here")
     run = load_run(checkpoint, step)
-    prompt, classes = prompt_of(run.config.get("evals"))
+    prompt, classes = prompt_of(run.config.evals)
     return TwoTowerRun(model=run.model, variables=run.variables,
                        tokenizer=two_tower.build_tokenizer(run.config.text),
                        max_length=int(run.config.text.max_length), prompt=prompt,

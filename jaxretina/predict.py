@@ -243,13 +243,13 @@ def load_workdir_predictor(workdir: str, *, step: int | None = None, classes: li
     raise ValueError(f"--image_size {size} is smaller than the run's crop config.data.crop_size={crop}")
   fields = classification.parse_fields(config.data.fields)
   num_classes = int(config.data.num_classes)
-  names = list(config.data.get("class_names") or [str(k) for k in range(num_classes)])
+  names = list(config.data.class_names or [str(k) for k in range(num_classes)])
   if classes:
     if len(classes) != num_classes:
       raise ValueError(f"--classes names {len(classes)} classes; the classifier of {workdir} has {num_classes} "
                        f"({names})")
     names = list(classes)
-  mode = config.data.get("normalize", "imagenet")
+  mode = config.data.normalize
   classification.normalize(jnp.zeros((1, 1, 1, 3)), mode)  # a bad mode fails here, not mid-folder
   variables = jax.device_put(variables)
 

@@ -144,7 +144,7 @@ def test_paper_recipe_freezes_what_upstream_train_freezes(variant):
 
   config = _paper_config(variant)
   with config.unlocked():
-    config.model.backbone = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
+    config.model.backbone.update(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
   module = build_classification_system(config, 5, {"image": 3}).module
   params = convert.variables_shape(module, jnp.zeros((1, 64, 64, 3)))["params"]
   trainable = traverse_util.flatten_dict(frozen_mask(params, config.optimizer.frozen), sep="/")
@@ -167,7 +167,7 @@ def test_paper_recipe_loss_is_the_papers_and_ce_reproduces_upstream():
   config = _paper_config("ra_net")
   assert config.loss.name == "grading" and config.loss.detach_loss is False
   with config.unlocked():
-    config.model.backbone = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
+    config.model.backbone.update(block="bottleneck", layers=[1, 1, 1, 1], base_width=4)
     config.model.dropout_rate = 0.0
     config.loss.name = "ce"
   classifier = build_classification_system(config, 5, {"image": 3})

@@ -46,9 +46,9 @@ def tiny_config(name: str, data_dir: str, *, steps: int = 2, arg: str = ""):
     elif name == "crd_net":
       m.backbone_base_width, m.cross_dim = 8, 16
     elif name == "bira_net":
-      m.backbone = dict(block="basic", layers=[1, 1, 1, 1], base_width=8)
+      m.backbone.update(block="basic", layers=[1, 1, 1, 1], base_width=8)
     elif name == "fcn_clip":
-      m.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
+      m.vision.update(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
       m.proj_dim, m.decoder_channels = 16, [32, 16]
   return config
 

@@ -49,7 +49,7 @@ def trained_run(data_dir, tmp_path_factory):
     config.text.bert.hidden_size = 32
     config.model.proj_dim = 64  # CLIP-Adapter's bottleneck is proj_dim / 4 ReLUs; 4 of them may all be dead
     config.text.bert.intermediate_size = 64
-    config.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=8)
+    config.model.vision.update(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=8)
     config.checkpoint_every = STEPS // 2
     config.log_every = STEPS
     config.evals = dict(lp=dict(type="transfer", method="lp", shots_train="10", folds=2,

@@ -167,7 +167,7 @@ def test_cyclic_resampling_to_class_counts_and_the_resampled_class_weights():
   assert np.bincount(train_labels).tolist() == [445, 200, 200, 180, 180]
   c = _config("fcn_clip")
   with c.unlocked():
-    c.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
+    c.model.vision.update(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
     c.model.proj_dim, c.model.decoder_channels = 16, [32, 16]
   task = _task(c, train_labels)
   np.testing.assert_allclose(task.classifier.class_weights, NOTEBOOK_CLASS_WEIGHTS, atol=1e-4)
@@ -208,7 +208,7 @@ def _fcn_clip_classifier():
 
   c = _config("fcn_clip")
   with c.unlocked():
-    c.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
+    c.model.vision.update(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
     c.model.proj_dim, c.model.decoder_channels = 16, [32, 16]
   classifier = build_classification_system(c, 5, {"image": 3})
   classifier.set_training_labels(np.repeat(np.arange(5), [445, 200, 200, 180, 180]), 5)
@@ -238,7 +238,7 @@ def test_fcn_clip_loss_without_prototypes_is_the_weighted_focal_term():
 def _conditional_task(**augment):
   c = _config("fcn_clip")
   with c.unlocked():
-    c.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
+    c.model.vision.update(block="bottleneck", layers=[1, 1, 1, 1], base_width=8)
     c.model.proj_dim, c.model.decoder_channels = 16, [32, 16]
     c.data.image_size = 16
     c.augment = dict(hflip=0.0, class_conditional=dict(labels=[1, 3, 4], hflip=1.0), **augment)

@@ -217,3 +217,60 @@ def test_materialize_is_the_identity_and_keeps_the_residual_stream_in_its_own_bu
   blocks, inner_per_block = 5, 2
   # Forward and backward each carry one conditional per materialised value.
   assert hlo.count("stablehlo.case") + hlo.count("stablehlo.if") >= blocks * (1 + inner_per_block)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_gradients_as_matmuls_match_the_convolution(stride):
+  """layers.pointwise_conv_matmul_grads: the forward is the convolution bit for bit; both gradients
+  are the convolution's up to float32 rounding (another order of the same sums), bf16 included."""
+  from jaxretina.models import layers
+
+  rng = np.random.default_rng(stride)
+  x = jnp.asarray(rng.normal(size=(2, 7, 7, 12)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, 12, 5)) / np.sqrt(12), jnp.float32)
+  strides = (stride, stride)
+
+  def conv(v, k):
+    return jax.lax.conv_general_dilated(v, k, strides, ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  np.testing.assert_array_equal(np.asarray(layers.pointwise_conv_matmul_grads(x, kernel, strides)),
+                                np.asarray(conv(x, kernel)))
+  weights = jnp.asarray(rng.normal(size=conv(x, kernel).shape), jnp.float32)
+  ours = jax.grad(lambda v, k: jnp.sum(jnp.tanh(layers.pointwise_conv_matmul_grads(v, k, strides)) * weights),
+                  argnums=(0, 1))(x, kernel)
+  reference = jax.grad(lambda v, k: jnp.sum(jnp.tanh(conv(v, k)) * weights), argnums=(0, 1))(x, kernel)
+  for got, want in zip(ours, reference):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  half = jax.grad(lambda k: jnp.sum(layers.pointwise_conv_matmul_grads(x.astype(jnp.bfloat16), k, strides)))(
+      kernel.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16 and half.shape == kernel.shape
+
+
+def test_resnet_convolutions_on_cpu_take_the_matmul_gradients():
+  """On CPU every unit-dilation 1×1 convolution of a ResNet goes through pointwise_conv_matmul_grads,
+  whose gradients agree with the plain convolution's."""
+  from jaxretina.models import layers
+
+  model = resnet.ResNet(block="bottleneck", layers=(1, 1, 1, 1), base_width=8, num_classes=3)
+  variables, images = _init(model, (2, 32, 32, 3))
+
+  def loss(params):
+    out, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+  one_by_one = 4 * 2 + 4  # conv1 + conv3 per block, plus each stage's downsample
+  assert hlo.count("dot_general") >= one_by_one
+  ours = jax.grad(loss)(variables["params"])
+  original = layers.pointwise_conv_matmul_grads
+  try:
+    layers.pointwise_conv_matmul_grads = lambda v, k, s: jax.lax.conv_general_dilated(
+        v, k, s, ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    plain = jax.grad(loss)(variables["params"])
+  finally:
+    layers.pointwise_conv_matmul_grads = original
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(plain)):
+    # BatchNorm's mean subtraction leaves some entries as cancellations near 0: tolerance per leaf.
+    scale = float(np.abs(np.asarray(want)).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale)

@@ -202,6 +202,29 @@ def test_changed_config_is_refused_unless_allowed_and_the_old_one_is_kept(data_d
   assert _loss_steps(str(workdir)) == [1, 2]
 
 
+def test_a_workdir_whose_config_predates_declared_fields_resumes_and_loads(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(_config(data_dir, 1), str(workdir))
+  path = workdir / "config.json"
+  old = json.loads(path.read_text())
+  # As written before these fields were declared, and before config.augment was a ConfigDict.
+  del old["model"]["name"], old["model"]["norm_features"], old["remat"], old["eval_every_epochs"]
+  old["augment"] = "flair"
+  path.write_text(json.dumps(old))
+  assert inference.load_config(str(workdir)).model.norm_features is True
+  assert inference.load_run(str(workdir)).kind == "contrastive"
+
+  # The same config: the same training, so config.json is brought up to date without a copy.
+  loop.train_and_evaluate(_config(data_dir, 1), str(workdir))
+  assert not list(workdir.glob("config.*.json"))
+  assert json.loads(path.read_text())["augment"] == {"recipe": "flair"}
+
+  # Trained further: the guard sees no change that alters training.
+  path.write_text(json.dumps(old))
+  loop.train_and_evaluate(_config(data_dir, 2), str(workdir))
+  assert _loss_steps(str(workdir)) == [1, 2]
+
+
 def test_config_differences_name_the_fields_that_change_training():
   old = {"log_every": 10, "total_steps": 5, "schedule": {"lr": 0.1, "name": "cosine"}, "evals": {"a": {"k": 1}},
          "data": {"data_dir": "/a", "image_size": 64}}

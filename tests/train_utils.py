@@ -23,7 +23,7 @@ def tiny_keepfit_config(data_dir: str, *, steps: int = 3, mesh=(("data", -1),), 
     config.text.max_length = 12
     config.text.bert = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                             max_position_embeddings=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    config.model.vision = dict(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=4)
+    config.model.vision.update(block="bottleneck", layers=[1, 1, 1, 1], width_per_group=64, base_width=4)
     config.model.proj_dim = 16
     config.checkpoint_every = 1
     config.log_every = 1

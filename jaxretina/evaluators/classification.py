@@ -1,6 +1,7 @@
 """Supervised evaluation of the classification task: metrics, plots, heatmaps and attention-map IoU.
 
-``config.evals.<name> = {type: 'classification', split, batch_size, heatmaps, cam_iou, ...}``.
+``config.evals.<name> = {type: 'classification', split, batch_size, heatmaps, cam_iou, ...}`` (the
+fields and their defaults: ``entry_config``).
 Over every example of the split (sharded over the mesh, gathered across hosts) it computes
 ``metrics.classification_metrics`` of the model's evaluation logits (DualAttendMed: the raw +
 attention-crop average) and writes, under ``<workdir>/eval/<name>/step_<N>/``: ``metrics.json``
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -42,11 +44,32 @@ def _gather(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def entry_config(entry: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A ``config.evals`` entry of type 'classification' over its declared fields and defaults."""
+  c = ml_collections.ConfigDict(dict(
+      type="classification",
+      split="test",
+      # The dataset read ('' / None: the training data's, config.data).
+      name="", data_dir="", builder_kwargs=None,
+      batch_size=0,  # 0: the training batch
+      heatmaps=8,  # attention heatmaps written per evaluation (models with attention maps)
+      name_in_workdir="",  # the reports' folder under <workdir>/eval/ ('' = 'classification')
+      cam_iou=False,  # attention-map IoU against class-activation maps (models with cam_features)
+      cam_fraction=0.2,  # the top fraction of each map that is compared
+      cam_head="fitted",  # the CAM's head: 'fitted' on cam_fit_split, or upstream's 'untrained' one
+      cam_seed=0,  # the untrained head's initialisation
+      cam_fit_split="",  # '' = the training split
+      cam_fit_examples=1024,
+  ))
+  c.update(entry)
+  return c
+
+
 class ClassificationEvaluator:
   """Metrics, plots and heatmaps of a classifier on a split (``config.evals.<name>``, see the module docstring).
 
   Args:
-    cfg: the ``config.evals`` entry.
+    cfg: the ``config.evals`` entry (its fields and defaults: ``entry_config``).
     workdir: reports go to ``<workdir>/eval/<name_in_workdir or 'classification'>/step_<N>/``; None
       writes nothing.
     mesh: batches are sharded over its data axes and gathered across processes.
@@ -66,7 +89,7 @@ class ClassificationEvaluator:
                fields: Mapping[str, int], class_names: Sequence[str], image_size: int, crop_size: int | None,
                batch_size: int, train_split: str, cam_features: Callable | None = None,
                eval_loss: Callable | None = None):
-    self.cfg = cfg
+    self.cfg = cfg = entry_config(cfg)
     self.workdir = workdir
     self.mesh = mesh
     self.predict = predict
@@ -80,7 +103,7 @@ class ClassificationEvaluator:
     self.cam_features = cam_features
     self.eval_loss = eval_loss
     shards = distributed.num_data_shards(mesh)
-    batch = int(cfg.get("batch_size", batch_size))
+    batch = int(cfg.batch_size or batch_size)
     self.batch_size = max(batch - batch % shards, shards)
 
   def _run(self, variables, source, fn, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -106,8 +129,8 @@ class ClassificationEvaluator:
   def run(self, variables, step: int) -> dict[str, Any]:
     """Summary metrics of ``variables``; the reports go under ``step_<step>``."""
     cfg = self.cfg
-    source = self.open_split(cfg.split, cfg.get("name"), cfg.get("data_dir"), cfg.get("builder_kwargs"))
-    want_cam = bool(cfg.get("cam_iou", False)) and self.cam_features is not None
+    source = self.open_split(cfg.split, cfg.name, cfg.data_dir, cfg.builder_kwargs)
+    want_cam = bool(cfg.cam_iou) and self.cam_features is not None
     want_loss = self.eval_loss is not None
     cam_weights = self._cam_head(variables) if want_cam else None
     predict, cam_features, eval_loss = self.predict, self.cam_features, self.eval_loss
@@ -141,15 +164,15 @@ class ClassificationEvaluator:
       results["loss"] = float(np.mean(out["loss"]))
     if want_cam:
       ious = np.asarray(cam.attention_iou(out["attention"], out["cam"],
-                                          fraction=float(cfg.get("cam_fraction", 0.2))))
+                                          fraction=float(cfg.cam_fraction)))
       results.update(cam_iou_mean=float(np.mean(ious)), cam_iou_std=float(np.std(ious)),
-                     cam_iou_per_image=ious.tolist(), cam_head=cfg.get("cam_head", "fitted"))
+                     cam_iou_per_image=ious.tolist(), cam_head=cfg.cam_head)
 
-    name = cfg.get("name_in_workdir") or "classification"
+    name = cfg.name_in_workdir or "classification"
     if self.workdir and jax.process_index() == 0:
       out_dir = fileio.join(self.workdir, "eval", name, f"step_{step}")
       self._write_outputs(out_dir, source, results, labels, probs, out["index"], out.get("attention"),
-                          int(cfg.get("heatmaps", 8)))
+                          int(cfg.heatmaps))
       results["output_dir"] = out_dir
     summary = {k: float(results[k]) for k in (*SUMMARY_KEYS, "loss") if k in results}
     summary.update({k: float(results[k]) for k in ("cam_iou_mean", "cam_iou_std") if k in results})
@@ -161,18 +184,18 @@ class ClassificationEvaluator:
   def _cam_head(self, variables) -> jax.Array:
     """(C, K) weights of the CAM head: fitted on GAP features of ``cam_fit_split``, or upstream's untrained one."""
     cfg = self.cfg
-    if cfg.get("cam_head", "fitted") == "untrained":
+    if cfg.cam_head == "untrained":
       # Only the feature width C matters here: the shapes of one loader batch give it without data.
       s = self.image_size
       batch = {name: jax.ShapeDtypeStruct((2, s, s, ch), jnp.uint8) for name, ch in self.fields.items()}
       probe = jax.eval_shape(self.cam_features, variables, batch)
-      weights, _ = cam.untrained_head(jax.random.PRNGKey(int(cfg.get("cam_seed", 0))), probe.shape[-1],
+      weights, _ = cam.untrained_head(jax.random.PRNGKey(int(cfg.cam_seed)), probe.shape[-1],
                                       self.num_classes)
       return jnp.asarray(weights, jnp.float32)
-    fit_source = self.open_split(cfg.get("cam_fit_split") or self.train_split)
+    fit_source = self.open_split(cfg.cam_fit_split or self.train_split)
     cam_features = self.cam_features
     gap = jax.jit(lambda v, b: {"gap": jnp.mean(cam_features(v, b), axis=(1, 2))})
-    fit = self._run(variables, fit_source, gap, limit=int(cfg.get("cam_fit_examples", 1024)))
+    fit = self._run(variables, fit_source, gap, limit=int(cfg.cam_fit_examples))
     weights, _ = cam.fit_linear_head(fit["gap"], fit["label"], self.num_classes)
     return jnp.asarray(weights, jnp.float32)
 

@@ -5,8 +5,9 @@ descriptions of one class are tokenised together (padded to the longest, as FLAI
 and averaged without re-normalisation into the class prototype. Scores are e^s·X·Pᵀ.
 
 ``config.evals.<name> = {type: 'zero_shot', split, classes, template, domain_knowledge, variant,
-batch_size, [name, data_dir, builder_kwargs, label_map]}`` measures accuracy, ACA and per-class
-recall of a two-tower model on a dataset split (``ZeroShotEvaluator``).
+batch_size, [name, data_dir, builder_kwargs, label_map]}`` (the fields and their defaults:
+``entry_config``) measures accuracy, ACA and per-class recall of a two-tower model on a dataset split
+(``ZeroShotEvaluator``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxretina.data import pipeline
@@ -45,13 +47,31 @@ class TwoTowerRun(NamedTuple):
   description: str
 
 
+def entry_config(entry: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A ``config.evals`` entry of type 'zero_shot' over its declared fields and defaults."""
+  c = ml_collections.ConfigDict(dict(
+      type="zero_shot",
+      split="test",
+      # The dataset read ('' / None: the training data's, config.data).
+      name="", data_dir="", builder_kwargs=None,
+      batch_size=0,  # 0: the training batch
+      classes=[],  # the class names scored, in label order
+      # The class prompts: the template's [CLS] slot filled with each class's domain-knowledge
+      # descriptions (or its name), written as FLAIR's or KeepFIT's prompts ('flair' | 'keepfit').
+      template=prompts.ZERO_SHOT_TEMPLATE, domain_knowledge=True, variant="flair",
+      label_map=[],  # the dataset label of each class ([] = the class index)
+  ))
+  c.update(entry)
+  return c
+
+
 def prompt_of(evals: Mapping[str, Any] | None) -> tuple[dict, list[str]]:
   """``(prompt, classes)`` of the first ``zero_shot`` entry of a run's ``config.evals``: the template,
   domain knowledge and variant its class prompts are written with (FLAIR's when it has none)."""
-  own = next((dict(cfg) for cfg in (evals or {}).values() if cfg.get("type") == "zero_shot"), {})
-  prompt = dict(template=own.get("template") or prompts.ZERO_SHOT_TEMPLATE,
-                domain_knowledge=bool(own.get("domain_knowledge", True)), variant=own.get("variant", "flair"))
-  return prompt, list(own.get("classes") or [])
+  own = entry_config(next((cfg for cfg in (evals or {}).values() if cfg.get("type") == "zero_shot"), {}))
+  prompt = dict(template=own.template or prompts.ZERO_SHOT_TEMPLATE, domain_knowledge=bool(own.domain_knowledge),
+                variant=own.variant)
+  return prompt, list(own.classes)
 
 
 def prototypes_from_encoder(encode_texts: Callable, tokenizer, class_names: Sequence[str], *, template: str,
@@ -95,7 +115,7 @@ class ZeroShotEvaluator:
   """Zero-shot accuracy of a two-tower model on a split (``config.evals.<name>``, see the module docstring).
 
   Args:
-    cfg: the ``config.evals`` entry.
+    cfg: the ``config.evals`` entry (its fields and defaults: ``entry_config``).
     mesh: batches are sharded over its data axes and gathered across processes.
     encode_images: ``(variables, images) -> (B, proj_dim)``, images float in [0, 1].
     encode_texts: ``(variables, input_ids, attention_mask) -> (n, proj_dim)``.
@@ -107,7 +127,7 @@ class ZeroShotEvaluator:
 
   def __init__(self, cfg, *, mesh, encode_images: Callable, encode_texts: Callable, tokenizer, max_length: int,
                data, batch_size: int):
-    self.cfg = cfg
+    self.cfg = cfg = entry_config(cfg)
     self.mesh = mesh
     self.encode_images = encode_images
     self.encode_texts = jax.jit(encode_texts)
@@ -115,19 +135,19 @@ class ZeroShotEvaluator:
     self.max_length = int(max_length)
     self.data = data
     self.classes = list(cfg.classes)
-    batch = int(cfg.get("batch_size", batch_size))
+    batch = int(cfg.batch_size or batch_size)
     self.batch_size = batch - batch % distributed.num_data_shards(mesh)
 
   def run(self, variables, step: int) -> dict[str, Any]:
     """Metrics of ``variables`` (``step`` is not used: the evaluator writes no files)."""
     del step
     cfg, d = self.cfg, self.data
-    source = pipeline.open_source(cfg.get("name") or d.name, cfg.split, cfg.get("data_dir") or d.data_dir,
-                                  dict(cfg.get("builder_kwargs") or d.get("builder_kwargs") or {}))
+    source = pipeline.open_source(cfg.name or d.name, cfg.split, cfg.data_dir or d.data_dir,
+                                  dict(cfg.builder_kwargs or d.builder_kwargs or {}))
     protos = prototypes_from_encoder(lambda ids, mask: self.encode_texts(variables, ids, mask), self.tokenizer,
                                      self.classes, template=cfg.template,
-                                     domain_knowledge=cfg.get("domain_knowledge", True),
-                                     variant=cfg.get("variant", "flair"), max_length=self.max_length)
+                                     domain_knowledge=cfg.domain_knowledge, variant=cfg.variant,
+                                     max_length=self.max_length)
     scale = jnp.exp(flair.clamp_logit_scale(variables["params"]["logit_scale"]))
     encode_images = self.encode_images
 
@@ -137,7 +157,7 @@ class ZeroShotEvaluator:
       return jnp.argmax(scale * img @ protos.T, axis=-1)
 
     labels, preds = [], []
-    label_map = np.asarray(cfg.get("label_map") or list(range(len(self.classes))))
+    label_map = np.asarray(cfg.label_map or list(range(len(self.classes))))
     for batch in pipeline.labelled_batches(source, batch_size=self.batch_size, process_index=jax.process_index(),
                                            process_count=jax.process_count(), image_size=d.image_size):
       images = distributed.global_batch({"image": batch["image"]}, self.mesh)["image"]

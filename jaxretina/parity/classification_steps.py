@@ -94,8 +94,8 @@ def base_config(case: parity.Case, model_name: str, *, fields: str, num_classes:
   c.data.fields = fields
   c.data.num_classes = int(num_classes)
   c.data.image_size = int(image_size)
-  c.optimizer = optimizer_config(case, frozen=[])  # build() adds meta.frozen once the weights are placed
-  c.schedule = dict(name="constant", lr=float(case.meta["optimizer"]["base_lr"]))
+  c.optimizer.update(optimizer_config(case, frozen=[]))  # build() adds meta.frozen once the weights are placed
+  c.schedule.update(name="constant", lr=float(case.meta["optimizer"]["base_lr"]))
   return c
 
 
@@ -128,7 +128,7 @@ def run_step(case: parity.Case, task, variables: Mapping[str, Any], inputs: Mapp
   labels = jnp.asarray(np.asarray(case.inputs["labels"]).astype(np.int32))
   # The fixtures draw nothing inside the step (dropout off), so the model key is arbitrary.
   new_state, metrics, grads = jax.jit(task.step_on_inputs)(state, dict(inputs), labels, jax.random.PRNGKey(1))
-  _check_frozen_unchanged(case, task.config.optimizer.get("frozen") or [], params, new_state.params)
+  _check_frozen_unchanged(case, task.config.optimizer.frozen, params, new_state.params)
   return new_state, metrics, grads
 
 

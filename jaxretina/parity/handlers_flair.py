@@ -12,7 +12,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from jaxretina import parity
+from jaxretina import configlib, parity
 from jaxretina.data import imaging
 from jaxretina.models import convert, flair
 from jaxretina.train import contrastive
@@ -117,26 +117,20 @@ def flair_preprocess_image(case: parity.Case) -> dict:
 
 def _contrastive_config(case: parity.Case, knowledge: bool):
   """The contrastive trainer's config for a FLAIR/KeepFIT train-step fixture (``meta.json``)."""
-  import ml_collections
-
   meta = case.meta
   opt = meta["optimizer"]
   hp = opt["hyper_parameters"]
   spec = dict(next(iter(case.constructor["vision_backbone"].values())))
-  c = ml_collections.ConfigDict()
-  c.task = "contrastive"
+  c = configlib.contrastive_config("flair", steps=1)
   c.seed = int(meta.get("seed", 0))
   c.dtype = "float32"
   c.batch_size = int(case.inputs["pixel_values"].shape[0])
-  c.epochs = 1
-  c.start_epoch = 0
-  c.total_steps = 1
-  c.data = dict(image_size=int(case.inputs["pixel_values"].shape[-1]))
-  c.text = dict(tokenizer="embedded", pretrained_dir="", bert=dict(meta["bert_config"]),
-                max_length=int(case.inputs["input_ids"].shape[1]))
-  c.model = dict(vision=dict(block=spec["block"], layers=list(spec["layers"]),
-                             width_per_group=int(spec.get("width_per_group", 64)), base_width=int(spec["base_width"])),
-                 proj_dim=int(case.constructor["proj_dim"]), proj_bias=bool(case.constructor.get("proj_bias", False)),
+  c.data.image_size = int(case.inputs["pixel_values"].shape[-1])
+  c.text.update(tokenizer="embedded", pretrained_dir="", max_length=int(case.inputs["input_ids"].shape[1]))
+  c.text.bert = dict(meta["bert_config"])
+  c.model.vision.update(block=spec["block"], layers=list(spec["layers"]),
+                        width_per_group=int(spec.get("width_per_group", 64)), base_width=int(spec["base_width"]))
+  c.model.update(proj_dim=int(case.constructor["proj_dim"]), proj_bias=bool(case.constructor.get("proj_bias", False)),
                  projection=bool(case.constructor.get("projection", True)),
                  norm_features=bool(case.constructor.get("norm_features", True)),
                  logit_scale_init=float(case.constructor.get("logit_scale_init_value", 0.07)),
@@ -145,13 +139,13 @@ def _contrastive_config(case: parity.Case, knowledge: bool):
                  softmax_over_heads=True,  # upstream's dim-less F.softmax
                  text_pooling="all_positions")
   weights = meta.get("loss_weights", {})
-  c.kd = dict(enabled=knowledge, weight=float(weights.get("kd_norm_mse", 100.0)), targets="identity")
-  c.loss = dict(contrastive_scope="global")
+  c.kd.update(enabled=knowledge, weight=float(weights.get("kd_norm_mse", 100.0)), targets="identity")
+  c.loss.contrastive_scope = "global"
   clip = opt.get("grad_clip") or {}
-  c.optimizer = dict(name="adamw", weight_decay=float(hp["weight_decay"]), b1=float(hp["betas"][0]),
+  c.optimizer.update(name="adamw", weight_decay=float(hp["weight_decay"]), b1=float(hp["betas"][0]),
                      b2=float(hp["betas"][1]), eps=float(hp["eps"]), grad_clip=float(clip.get("max_norm") or 0.0))
   # fit() steps LinearWarmupCosineAnnealingLR per iteration with len(loader) iterations per epoch.
-  c.schedule = dict(name="flair_warmup_cosine", lr=float(opt["base_lr"]), warmup_epochs=float(opt["warmup_epoch"]),
+  c.schedule.update(name="flair_warmup_cosine", lr=float(opt["base_lr"]), warmup_epochs=float(opt["warmup_epoch"]),
                     max_epochs=100.0, eta_min=0.0)
   c.num_train_examples = int(opt["len_loader"]) * c.batch_size
   return c

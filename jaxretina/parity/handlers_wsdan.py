@@ -241,14 +241,14 @@ def _wsdan_step_config(case: parity.Case, variant: str):
 
   if "SGD" not in opt["name"] or float(hp.get("dampening", 0)) or hp.get("maximize"):
     raise ValueError(f"{case.path}: optimizer {opt['name']} {hp}; the trainer's sgd is torch SGD without dampening")
-  c.optimizer = dict(name="sgd", momentum=float(hp["momentum"]), nesterov=bool(hp.get("nesterov", False)),
+  c.optimizer.update(name="sgd", momentum=float(hp["momentum"]), nesterov=bool(hp.get("nesterov", False)),
                      weight_decay=float(hp.get("weight_decay", 0.0)),
                      grad_clip=float((opt.get("grad_clip") or {}).get("max_norm") or 0.0), frozen=[])
   if "lr_decay_factor" in upstream_cfg and "lr_decay_epochs" in upstream_cfg:
-    c.schedule = dict(name="epoch_step_decay", lr=float(opt["base_lr"]), gamma=float(upstream_cfg["lr_decay_factor"]),
+    c.schedule.update(name="epoch_step_decay", lr=float(opt["base_lr"]), gamma=float(upstream_cfg["lr_decay_factor"]),
                       every_epochs=float(upstream_cfg["lr_decay_epochs"]), continuous=False)
   else:
-    c.schedule = dict(name="epoch_step_decay", lr=float(opt["base_lr"]), gamma=_FALLBACK_DECAY_RATE,
+    c.schedule.update(name="epoch_step_decay", lr=float(opt["base_lr"]), gamma=_FALLBACK_DECAY_RATE,
                       every_epochs=_FALLBACK_DECAY_EPOCHS, continuous=True)
   c.epochs = int(opt["epoch"]) + 1
   return c

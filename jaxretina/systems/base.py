@@ -15,6 +15,11 @@ The hooks below have neutral defaults.
 
 ``config.remat`` ('none' | 'blocks' | 'dots', ``resnet.ResNet.remat``) goes to every ResNet a
 system trains: activation rematerialisation of its blocks, the parameters unchanged.
+
+A system module also declares the config fields it reads, with their defaults: ``model_config()``
+(``config.model``), and where it has them ``loss_config()`` (``config.loss``) and ``init_config()``
+(``config.init``: the weights it can start from). ``configlib.classification_config`` pulls them in
+by ``config.model.name``; config files only override values.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -84,16 +90,17 @@ def one_field(fields: Mapping[str, int], model: str) -> str:
   return name
 
 
-def remat_mode(config) -> str:
-  # Configs saved before config.remat existed train without rematerialisation.
-  return config.get("remat", "none")
+def resnet_fields() -> ml_collections.ConfigDict:
+  """The config fields of a torchvision-layout ResNet tower, defaults ResNet-50: ``block`` ('basic' |
+  'bottleneck'), ``layers`` (blocks per stage), ``base_width`` (the stem's channels; 64 in
+  torchvision), ``width_per_group`` (64: torchvision's ResNets; 128: the wide ones)."""
+  return ml_collections.ConfigDict(dict(block="bottleneck", layers=(3, 4, 6, 3), base_width=64, width_per_group=64))
 
 
-def resnet_backbone(cfg: Mapping[str, Any], dtype, remat: str = "none") -> resnet.ResNet:
-  """A classifier-less ResNet from ``config.model`` fields (block, layers, base_width, width_per_group)."""
-  return resnet.ResNet(block=cfg.get("block", "bottleneck"), layers=tuple(cfg.get("layers", (3, 4, 6, 3))),
-                       base_width=int(cfg.get("base_width", 64)), width_per_group=int(cfg.get("width_per_group", 64)),
-                       num_classes=None, dtype=dtype, remat=remat)
+def resnet_backbone(cfg: ml_collections.ConfigDict, dtype, remat: str = "none") -> resnet.ResNet:
+  """A classifier-less ResNet from a ``resnet_fields`` section of ``config.model``."""
+  return resnet.ResNet(block=cfg.block, layers=tuple(cfg.layers), base_width=int(cfg.base_width),
+                       width_per_group=int(cfg.width_per_group), num_classes=None, dtype=dtype, remat=remat)
 
 
 def sown(tree: Mapping[str, Any], name: str) -> list[jax.Array]:

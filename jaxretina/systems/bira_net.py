@@ -7,48 +7,66 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxretina import configlib
 from jaxretina.models import bira, resnet
 from jaxretina.systems import base
 
+VARIANTS = ("bira_net", "ra_net")
+LOSSES = ("grading", "ce")
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """``config.model`` of BiRA-Net (see ``models/bira.py``)."""
+  return ml_collections.ConfigDict(dict(
+      variant="bira_net",  # 'bira_net': the paper's bilinear net | 'ra_net': the coded RA-Net
+      backbone=base.resnet_fields(),  # the trunk (ResNet-50)
+      dropout_rate=0.5,  # RA-Net's dense head
+      dense_width=256,  # RA-Net's dense head
+      matmul_masking=False,  # upstream quirk: True reproduces torch.matmul masking
+  ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """``config.loss`` of BiRA-Net."""
+  return ml_collections.ConfigDict(dict(
+      # 'grading': the paper's grading loss (differentiable). 'ce' (upstream quirk): plain cross-entropy
+      # on the log-probabilities, what upstream ``train()`` minimises, its grading-loss line being
+      # commented out (CE on log-probabilities equals CE on the logits).
+      name="grading",
+      # Upstream's InterclassLoss as coded re-wraps its value in a fresh leaf: True gives that value
+      # with no gradient at all, so nothing trains (for checking the value, never a recipe).
+      detach_loss=False,
+  ))
+
 
 class BiRAClassifier(base.ClassificationSystem):
   """BiRA-Net (docs/systems.md#bira-net).
 
-  ``config.model``: ``variant`` ('bira_net': the paper's bilinear net | 'ra_net': the coded RA-Net),
-  ``backbone`` (ResNet fields: block, layers, base_width), ``dropout_rate`` and ``dense_width``
-  (RA-Net head; 0.5 and 256 upstream), ``matmul_masking`` (upstream quirk, see ``models/bira.py``).
-
-  ``config.loss.name``: 'grading' (default, the paper's grading loss, differentiable) or 'ce'
-  (upstream quirk: plain cross-entropy on the log-probabilities, which is what upstream
-  ``train()`` minimises, because its grading-loss line is commented out; CE on log-probabilities
-  equals CE on the logits). ``config.loss.detach_loss`` reproduces upstream's ``InterclassLoss``
-  as coded, a fresh leaf: the same value with no gradient at all, so nothing trains (for checking
-  the value, never a recipe). Upstream's frozen parts are ``bira.upstream_frozen_patterns``.
+  ``config.model`` and ``config.loss``: ``model_config`` and ``loss_config`` above. Upstream's frozen
+  parts are ``bira.upstream_frozen_patterns``.
   """
 
   def __init__(self, config, num_classes: int, fields: Mapping[str, int]):
     self.field = base.one_field(fields, "bira_net")
     self.fields = (self.field,)
     m = config.model
-    self.variant = m.get("variant", "bira_net")
+    self.variant = m.variant
     dtype = configlib.compute_dtype(config)
-    backbone = base.resnet_backbone(m.backbone, dtype, base.remat_mode(config))
+    backbone = base.resnet_backbone(m.backbone, dtype, config.remat)
     if self.variant == "bira_net":
-      self.module = bira.BiRANet(backbone=backbone, num_classes=num_classes,
-                                 matmul_masking=bool(m.get("matmul_masking", False)), dtype=dtype)
+      self.module = bira.BiRANet(backbone=backbone, num_classes=num_classes, matmul_masking=bool(m.matmul_masking),
+                                 dtype=dtype)
     elif self.variant == "ra_net":
-      self.module = bira.KeNet(features=backbone, num_classes=num_classes,
-                               dropout_rate=float(m.get("dropout_rate", 0.5)),
-                               dense_width=int(m.get("dense_width", 256)),
-                               matmul_masking=bool(m.get("matmul_masking", False)), dtype=dtype)
+      self.module = bira.KeNet(features=backbone, num_classes=num_classes, dropout_rate=float(m.dropout_rate),
+                               dense_width=int(m.dense_width), matmul_masking=bool(m.matmul_masking), dtype=dtype)
     else:
-      raise ValueError(f"config.model.variant={self.variant!r}: expected 'bira_net' or 'ra_net'")
-    self.loss_name = config.loss.get("name", "grading")
-    if self.loss_name not in ("grading", "ce"):
-      raise ValueError(f"config.loss.name={self.loss_name!r}: expected 'grading' or 'ce'")
-    self.detach_loss = bool(config.loss.get("detach_loss", False))
+      raise ValueError(f"config.model.variant={self.variant!r}: expected one of {VARIANTS}")
+    self.loss_name = config.loss.name
+    if self.loss_name not in LOSSES:
+      raise ValueError(f"config.loss.name={self.loss_name!r}: expected one of {LOSSES}")
+    self.detach_loss = bool(config.loss.detach_loss)
 
   def init(self, rng, inputs):
     params_rng, dropout_rng = jax.random.split(rng)

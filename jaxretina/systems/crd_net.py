@@ -4,19 +4,36 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import ml_collections
+
 from jaxretina import configlib
 from jaxretina.models import crdnet, resnet
-from jaxretina.systems import base
+from jaxretina.systems import base, model_fields
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """``config.model``: the ``crdnet.CRDNet`` module's arguments (see ``models/crdnet.py``); the
+  towers' input channels come from ``config.data.fields``."""
+  return ml_collections.ConfigDict(dict(
+      backbone_block="basic",  # the two towers: ResNet-18
+      backbone_layers=(2, 2, 2, 2),
+      backbone_base_width=64,
+      num_heads=4,  # CrossGate heads
+      cross_dim=0,  # CMA width and Attention4D key width; 0 = upstream's 2× the tower channels
+      skip_stem_maxpool=False,  # upstream quirk: True reproduces the towers without max-pool
+  ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """``config.loss``: the weights of the (fused, x, y) heads' cross-entropies."""
+  return ml_collections.ConfigDict(dict(head_weights=[1.0, 1.0, 1.0]))
 
 
 class CRDNetClassifier(base.ClassificationSystem):
   """CRD-Net on two modalities (docs/systems.md#crd-net).
 
   ``config.data.fields`` names the two image fields in model order (x = fundus, y = OCT/FFA);
-  ``config.model``: ``backbone_block``/``backbone_layers``/``backbone_base_width`` (ResNet-18:
-  basic, [2, 2, 2, 2], 64), ``num_heads``, ``cross_dim`` (CMA width and Attention4D key width; 0 =
-  upstream's 2× the tower channels), ``skip_stem_maxpool`` (upstream quirk, see
-  ``models/crdnet.py``); ``config.loss.head_weights`` (1, 1, 1 upstream).
+  ``config.model`` and ``config.loss``: ``model_config`` and ``loss_config`` above.
   """
 
   def __init__(self, config, num_classes: int, fields: Mapping[str, int]):
@@ -24,16 +41,12 @@ class CRDNetClassifier(base.ClassificationSystem):
       raise ValueError(f"crd_net fuses exactly 2 image modalities; config.data.fields names {len(fields)}: "
                        f"{sorted(fields)}")
     self.fields = tuple(fields)
-    m = config.model
-    self.head_weights = tuple(float(w) for w in config.loss.get("head_weights", (1.0, 1.0, 1.0)))
-    self.module = crdnet.CRDNet(num_classes=num_classes, in_channels=tuple(fields.values()),
-                                backbone_block=m.get("backbone_block", "basic"),
-                                backbone_layers=tuple(m.get("backbone_layers", (2, 2, 2, 2))),
-                                backbone_base_width=int(m.get("backbone_base_width", 64)),
-                                num_heads=int(m.get("num_heads", 4)),
-                                cross_dim=int(m.get("cross_dim") or 0) or None,
-                                skip_stem_maxpool=bool(m.get("skip_stem_maxpool", False)),
-                                dtype=configlib.compute_dtype(config), remat=base.remat_mode(config))
+    self.head_weights = tuple(float(w) for w in config.loss.head_weights)
+    module_fields = model_fields(config.model)
+    # The config's 0 is the module's None: upstream's width, 2× the tower channels.
+    module_fields["cross_dim"] = int(module_fields["cross_dim"]) or None
+    self.module = crdnet.CRDNet(num_classes=num_classes, in_channels=tuple(fields.values()), **module_fields,
+                                dtype=configlib.compute_dtype(config), remat=config.remat)
 
   def _images(self, inputs):
     return tuple(inputs[f] for f in self.fields)

@@ -7,50 +7,78 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxretina import configlib
 from jaxretina.models import fcn_clip, resnet
-from jaxretina.systems import base
+from jaxretina.systems import base, model_fields
 from jaxretina.evaluators.zero_shot import class_prototypes
 from jaxretina.models import bert as bert_lib
 from jaxretina.models import flair
 from jaxretina.text.tokenizer import Tokenizer
 
 
+def model_config() -> ml_collections.ConfigDict:
+  """``config.model``: the ``fcn_clip.FCNCLIP`` module's arguments (see ``models/fcn_clip.py``)."""
+  return ml_collections.ConfigDict(dict(
+      vision=base.resnet_fields(),  # the FLAIR image tower (ResNet-50)
+      proj_dim=512,  # FLAIR's projection width
+      use_fusion=False,  # decode the fused layer2+layer3 map instead of layer3 alone
+      decoder_channels=(512, 128),
+      cbam_reduction=16,
+      dropout_rate=0.3,  # the decoder's Dropout2d
+      # Upstream quirks; the defaults are the intended behaviour.
+      double_cbam_gating=False,
+      encoder_bn_batch_stats=False,
+  ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """``config.loss``: the notebook's focal + contrastive objective."""
+  return ml_collections.ConfigDict(dict(
+      gamma=2.0,  # the focal loss's focusing exponent
+      # Focal-loss class weights: 'notebook' (the notebook's rule on the training labels), 'none', or
+      # a list of one weight per class.
+      class_weights=configlib.any_type("notebook"),
+      pt_from_weighted_ce=False,  # upstream quirk: pt from the class-weighted CE
+      focal_weight=fcn_clip.FOCAL_WEIGHT,  # alpha: alpha·focal + (1 − alpha)·contrastive
+      temperature=fcn_clip.CONTRASTIVE_TEMPERATURE,  # the contrastive term's
+      # The contrastive term's class prototypes: the FLAIR text tower's embedding of this prompt per
+      # class name (empty prototype_classes: config.data.class_names).
+      prompt_template="Fundus image showing [CLS]",
+      prototype_classes=[],
+  ))
+
+
+def init_config() -> ml_collections.ConfigDict:
+  """``config.init``: the FLAIR/KeepFIT PyTorch checkpoint of the encoder (and of the text tower that
+  gives the class prototypes), with the local Bio_ClinicalBERT directory it was built with."""
+  return ml_collections.ConfigDict(dict(flair_checkpoint="", text_dir=""))
+
+
 class FCNCLIPClassifier(base.ClassificationSystem):
   """FCN-CLIP + CBAM on a frozen FLAIR image tower (docs/systems.md#fcn-clip).
 
-  ``config.model``: ``vision`` (ResNet fields of the FLAIR tower), ``proj_dim``, ``use_fusion``,
-  ``decoder_channels``, ``cbam_reduction`` (16), ``dropout_rate``, and the upstream quirks
-  ``double_cbam_gating``, ``encoder_bn_batch_stats`` (see ``models/fcn_clip.py``). ``config.loss``:
-  ``gamma`` (2), ``class_weights`` ('notebook': the notebook's rule on the training labels, 'none',
-  or a list), ``pt_from_weighted_ce`` (quirk), ``focal_weight`` (0.7), ``temperature`` (0.2, the
-  contrastive term's). ``config.init.flair_checkpoint``: a
-  FLAIR/KeepFIT PyTorch checkpoint for the encoder (and the text tower for the contrastive term's
-  class prototypes, ``config.data.class_prompts``). Train the encoder-frozen model with
-  ``config.optimizer.frozen=['^vision_model/']``.
+  ``config.model``, ``config.loss`` and ``config.init``: ``model_config``, ``loss_config`` and
+  ``init_config`` above. Train the encoder-frozen model with ``config.optimizer.frozen=['^vision_model/']``.
   """
 
   def __init__(self, config, num_classes: int, fields: Mapping[str, int]):
     self.field = base.one_field(fields, "fcn_clip")
     self.fields = (self.field,)
     self.config = config
-    m, self.loss_cfg = config.model, config.loss
+    self.loss_cfg = config.loss
     dtype = configlib.compute_dtype(config)
-    self.module = fcn_clip.FCNCLIP(
-        vision=base.resnet_backbone(m.vision, dtype, base.remat_mode(config)), proj_dim=int(m.get("proj_dim", 512)),
-        num_classes=num_classes,
-        use_fusion=bool(m.get("use_fusion", False)), decoder_channels=tuple(m.get("decoder_channels", (512, 128))),
-        cbam_reduction=int(m.get("cbam_reduction", 16)),
-        dropout_rate=float(m.get("dropout_rate", 0.3)), double_cbam_gating=bool(m.get("double_cbam_gating", False)),
-        encoder_bn_batch_stats=bool(m.get("encoder_bn_batch_stats", False)), dtype=dtype)
+    fields = model_fields(config.model)
+    fields["vision"] = base.resnet_backbone(config.model.vision, dtype, config.remat)
+    self.module = fcn_clip.FCNCLIP(num_classes=num_classes, **fields, dtype=dtype)
     self.class_weights = None  # set by the trainer from the training labels (set_training_labels)
     self.prototypes = None  # (K, proj_dim) text prototypes when a FLAIR checkpoint gives a text tower
     self.flair_variables = None
 
   def set_training_labels(self, labels: np.ndarray, num_classes: int) -> None:
-    rule = self.loss_cfg.get("class_weights", "notebook")
+    rule = self.loss_cfg.class_weights
     if rule in (None, "none", ""):
       self.class_weights = None
     elif rule == "notebook":
@@ -76,22 +104,18 @@ class FCNCLIPClassifier(base.ClassificationSystem):
 
     Runs on every start (fresh or resumed): the prototypes are a constant of the loss, not state.
     """
-    init = self.config.get("init") or {}
-    path = init.get("flair_checkpoint")
+    path, text_dir = self.config.init.flair_checkpoint, self.config.init.text_dir
     if not path:
       return
-    text_dir = init.get("text_dir")
     if not text_dir:
       raise ValueError("config.init.flair_checkpoint needs config.init.text_dir: the local Bio_ClinicalBERT "
                        "directory (config.json + vocab) the checkpoint's text tower was built with")
     two_tower = flair.TwoTower(vision=self.module.vision, text=bert_lib.BertConfig.from_pretrained_dir(text_dir),
                                proj_dim=self.module.proj_dim)
     self.flair_variables = flair.load_flair_checkpoint(path, two_tower, image_shape=(1, image_size, image_size, 3))
-    classes = list(self.loss_cfg.get("prototype_classes") or self.config.data.class_names)
+    classes = list(self.loss_cfg.prototype_classes or self.config.data.class_names)
     self.set_prototypes(class_prototypes(two_tower, self.flair_variables, Tokenizer.from_pretrained_dir(text_dir),
-                                         classes, template=self.loss_cfg.get("prompt_template",
-                                                                             "Fundus image showing [CLS]"),
-                                         domain_knowledge=True))
+                                         classes, template=self.loss_cfg.prompt_template, domain_knowledge=True))
 
   def set_prototypes(self, prototypes) -> None:
     """The contrastive term's class prototypes, (num_classes, proj_dim): a constant of the loss.
@@ -109,7 +133,7 @@ class FCNCLIPClassifier(base.ClassificationSystem):
     return {("vision_model", "model"): self.module.vision}
 
   def load_pretrained(self, variables):
-    if getattr(self, "flair_variables", None) is None:
+    if self.flair_variables is None:
       return variables
     return fcn_clip.encoder_variables_from_flair(variables, self.flair_variables)
 
@@ -117,17 +141,17 @@ class FCNCLIPClassifier(base.ClassificationSystem):
     del epoch
     (logits, z), mutated = self.module.apply(variables, inputs[self.field], train=True, mutable=["batch_stats"],
                                              rngs={"dropout": rng})
-    focal = fcn_clip.focal_loss(logits, labels, self.class_weights, gamma=float(self.loss_cfg.get("gamma", 2.0)),
-                                pt_from_weighted_ce=bool(self.loss_cfg.get("pt_from_weighted_ce", False)))
+    focal = fcn_clip.focal_loss(logits, labels, self.class_weights, gamma=float(self.loss_cfg.gamma),
+                                pt_from_weighted_ce=bool(self.loss_cfg.pt_from_weighted_ce))
     metrics = {"loss_focal": focal, "accuracy": base.accuracy(logits, labels)}
-    weight = float(self.loss_cfg.get("focal_weight", fcn_clip.FOCAL_WEIGHT))
+    weight = float(self.loss_cfg.focal_weight)
     # The notebook always trains alpha·focal (+ (1 − alpha)·contrastive): without prototypes the
     # focal term keeps its 0.7 weight (the contrastive term has no gradient either way).
     total = weight * focal
     if self.prototypes is not None:
       contrast = fcn_clip.contrastive_loss(
           z, self.prototypes, labels,
-          temperature=float(self.loss_cfg.get("temperature", fcn_clip.CONTRASTIVE_TEMPERATURE)))
+          temperature=float(self.loss_cfg.temperature))
       total = total + (1.0 - weight) * contrast
       metrics["loss_contrastive"] = contrast
     return total, (metrics, mutated["batch_stats"], extra)
@@ -141,13 +165,13 @@ class FCNCLIPClassifier(base.ClassificationSystem):
     """The notebook's validation loss per example (B,): the training loss's terms on ``predict``'s
     eval-mode outputs (the evaluator averages it; FCN-CLIP's ReduceLROnPlateau / early stopping
     monitor it)."""
-    weight = float(self.loss_cfg.get("focal_weight", fcn_clip.FOCAL_WEIGHT))
+    weight = float(self.loss_cfg.focal_weight)
     focal = fcn_clip.focal_loss(outputs["logits"], labels, self.class_weights,
-                                gamma=float(self.loss_cfg.get("gamma", 2.0)), reduction="none",
-                                pt_from_weighted_ce=bool(self.loss_cfg.get("pt_from_weighted_ce", False)))
+                                gamma=float(self.loss_cfg.gamma), reduction="none",
+                                pt_from_weighted_ce=bool(self.loss_cfg.pt_from_weighted_ce))
     total = weight * focal
     if self.prototypes is not None:
-      temperature = float(self.loss_cfg.get("temperature", fcn_clip.CONTRASTIVE_TEMPERATURE))
+      temperature = float(self.loss_cfg.temperature)
 
       def one(z, y):  # the batch-mean term of one example
         return fcn_clip.contrastive_loss(z[None], self.prototypes, y[None], temperature=temperature)

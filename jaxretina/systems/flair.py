@@ -3,7 +3,8 @@
 The contrastive trainer (``jaxretina.train.contrastive``), the inference loader
 (``jaxretina.inference``), zero-shot/transfer evaluation and ``predict`` build the two towers here,
 from ``config.model`` / ``config.text`` alone (no data is opened). A new two-tower system provides
-the same three functions in its own module and is named by ``config.model.name``.
+the same three functions and its ``model_config``/``loss_config`` in its own module and is named by
+``config.model.name``.
 """
 
 from __future__ import annotations
@@ -11,19 +12,45 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax.numpy as jnp
 import ml_collections
 
 from jaxretina import configlib
 from jaxretina.models import bert as bert_lib
 from jaxretina.models import flair
-from jaxretina.models import resnet as resnet_lib
+from jaxretina.systems import base, model_fields
 from jaxretina.text.tokenizer import Tokenizer
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """``config.model``: the ``flair.TwoTower`` module's arguments besides the text tower (``config.text``)
+  and the knowledge attention (on with ``config.kd.enabled``); see ``models/flair.py``."""
+  return ml_collections.ConfigDict(dict(
+      vision=base.resnet_fields(),  # the image tower (ResNet-50)
+      proj_dim=512,  # the shared embedding width
+      proj_bias=False,
+      projection=True,  # project both towers' features to proj_dim
+      norm_features=True,  # L2-normalise the embeddings
+      logit_scale_init=0.07,  # the initial temperature (the parameter is log(1 / this))
+      # KeepFIT's expert-revision attention over the knowledge pairs.
+      attention_heads=2,
+      attention_dropout=0.5,
+      # Upstream KeepFIT calls F.softmax without dim → a softmax over heads
+      # (docs/systems.md#keepfit-expert-revision-attention); False is the paper's attention over the
+      # knowledge keys.
+      softmax_over_heads=False,
+      text_pooling="all_positions",  # FLAIR: mean over every token incl. [PAD]; 'masked' ignores padding
+  ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """``config.loss``: ``contrastive_scope`` 'global' (one contrastive loss over the global batch) or
+  'per_device' (one per data shard, as upstream's DDP ranks; ``train/contrastive.py``)."""
+  return ml_collections.ConfigDict(dict(contrastive_scope="global"))
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict):
   """``config.text.tokenizer``: 'embedded' (shipped retina vocabulary) or a local HF directory."""
-  source = cfg.get("tokenizer", "embedded")
+  source = cfg.tokenizer
   if source in ("embedded", None, ""):
     return Tokenizer.embedded()
   if not os.path.isdir(source):
@@ -33,7 +60,7 @@ def build_tokenizer(cfg: ml_collections.ConfigDict):
 
 def build_text_config(cfg: ml_collections.ConfigDict, tokenizer) -> bert_lib.BertConfig:
   """``config.text.bert``: a directory with config.json (pretrained) or a dict of BertConfig fields."""
-  pretrained = cfg.get("pretrained_dir")
+  pretrained = cfg.pretrained_dir
   if pretrained:
     return bert_lib.BertConfig.from_pretrained_dir(pretrained)
   fields = dict(cfg.bert)
@@ -45,25 +72,8 @@ def build_text_config(cfg: ml_collections.ConfigDict, tokenizer) -> bert_lib.Ber
 def build_model(config: ml_collections.ConfigDict, text_config: bert_lib.BertConfig) -> flair.TwoTower:
   """The two-tower model of ``config``. ``config.remat`` ('none' | 'blocks' | 'dots') rematerialises
   the ResNet blocks and the BERT layers (``resnet.ResNet.remat``, ``bert.BertConfig.remat``)."""
-  m = config.model
   dtype = configlib.compute_dtype(config)
-  remat = config.get("remat", "none")  # configs saved before config.remat existed: no remat
-  vision = resnet_lib.ResNet(block=m.vision.block, layers=tuple(m.vision.layers),
-                             width_per_group=m.vision.get("width_per_group", 64),
-                             base_width=m.vision.get("base_width", 64), num_classes=None, dtype=dtype,
-                             remat=remat)
-  return flair.TwoTower(
-      vision=vision,
-      text=dataclasses.replace(text_config, remat=remat),
-      proj_dim=m.proj_dim,
-      proj_bias=m.get("proj_bias", False),
-      projection=m.get("projection", True),
-      norm_features=m.get("norm_features", True),
-      logit_scale_init=m.get("logit_scale_init", 0.07),
-      knowledge_attention=config.kd.enabled,
-      attention_heads=m.get("attention_heads", 2),
-      attention_dropout=m.get("attention_dropout", 0.5),
-      softmax_over_heads=m.get("softmax_over_heads", False),
-      text_pooling=m.get("text_pooling", "all_positions"),
-      dtype=dtype,
-  )
+  fields = model_fields(config.model)
+  fields["vision"] = base.resnet_backbone(config.model.vision, dtype, config.remat)
+  return flair.TwoTower(text=dataclasses.replace(text_config, remat=config.remat),
+                        knowledge_attention=config.kd.enabled, **fields, dtype=dtype)

@@ -7,25 +7,54 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxretina import configlib
 from jaxretina.losses import wsdan as wsdan_losses
 from jaxretina.models import attention_augment, resnet, wsdan
 from jaxretina.models.layers import l2_normalize
-from jaxretina.systems import base
+from jaxretina.systems import base, model_fields
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """``config.model``: the ``wsdan.WSDAN`` module's arguments (see ``models/wsdan.py``)."""
+  return ml_collections.ConfigDict(dict(
+      variant="dualattendmed",  # 'dualattendmed' | 'cal'
+      num_attentions=32,  # M, the attention maps
+      backbone_layers=tuple(wsdan.BACKBONES["resnet152"]),  # Bottleneck blocks per stage
+      backbone_base_width=64,
+      # Upstream quirks; the defaults are the intended behaviour.
+      pick_with_replacement=False,
+      clamp_negative_attention_mass=True,
+  ))
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """``config.loss``: the training step's constants (DualAttendMed's defaults; CAL's are in
+  configs/dual_attend_med.py:variant=cal)."""
+  return ml_collections.ConfigDict(dict(
+      center_beta=0.05,  # feature-centre momentum
+      # DualAttendMed's centre-update quirk: the whole batch's mean moves every present class
+      # (``wsdan.update_feature_centers``).
+      share_batch_mean=False,
+      center_duplicate_labels="mean",  # or upstream CAL's 'last' (``wsdan.update_feature_centers``)
+      lambdas=list(wsdan_losses.DUALATTENDMED_LAMBDAS),  # classification, alignment, diversity weights
+      aux_weight=0.01,  # DualAttendMed's auxiliary loss weight
+      aux_margin=1.0,  # Auxiliary_Loss_v2's margin (upstream: an uninitialised torch.Tensor(1))
+      # Attention crop / drop thresholds: a float, or a [low, high] range drawn per sample (CAL).
+      crop_theta=configlib.any_type(0.5),
+      crop_padding=0.1,
+      drop_theta=configlib.any_type(0.5),
+      eval_crop_theta=0.5,  # the evaluation crop (upstream validation)
+      eval_crop_padding=0.1,
+      drop_last_mask_row=False,  # upstream's crop boxes end one mask row early (quirk)
+  ))
 
 
 class WSDANClassifier(base.ClassificationSystem):
   """DualAttendMed / CAL on one image modality (docs/systems.md#dualattendmed, #cal).
 
-  ``config.model``: ``variant`` ('dualattendmed' | 'cal'), ``backbone_layers`` (Bottleneck blocks per
-  stage; ResNet-152 = [3, 8, 36, 3]), ``backbone_base_width``, ``num_attentions`` (M), the upstream
-  flags ``pick_with_replacement`` and ``clamp_negative_attention_mass`` (see ``models/wsdan.py``).
-  ``config.loss``: ``center_beta`` (0.05), ``share_batch_mean`` (DualAttendMed's center-update quirk,
-  see ``wsdan.update_feature_centers``), ``lambdas`` (1.0, 0.5, 0.1), ``aux_weight`` (0.01),
-  ``aux_margin`` (1.0), ``crop_theta``/``crop_padding``/``drop_theta`` (a float or a [low, high]
-  range), ``eval_crop_theta``/``eval_crop_padding``, ``drop_last_mask_row`` (crop-box quirk),
-  ``center_duplicate_labels`` ('mean', or upstream CAL's 'last', see ``wsdan.update_feature_centers``).
+  ``config.model`` and ``config.loss``: ``model_config`` and ``loss_config`` above.
 
   The step's random numbers come from its key; a caller can inject any of them instead as
   ``inputs['draws'][name]`` (``INJECTABLE_DRAWS``), e.g. to replay upstream's torch/numpy draws
@@ -45,16 +74,11 @@ class WSDANClassifier(base.ClassificationSystem):
   def __init__(self, config, num_classes: int, fields: Mapping[str, int]):
     self.field = base.one_field(fields, "wsdan")
     self.fields = (self.field,)
-    m, self.loss_cfg = config.model, config.loss
-    self.variant = m.get("variant", "dualattendmed")
+    self.loss_cfg = config.loss
+    self.variant = config.model.variant
     self.num_classes = num_classes
-    self.module = wsdan.WSDAN(
-        num_classes=num_classes, num_attentions=int(m.get("num_attentions", 32)), variant=self.variant,
-        backbone_layers=tuple(m.get("backbone_layers", wsdan.BACKBONES["resnet152"])),
-        backbone_base_width=int(m.get("backbone_base_width", 64)),
-        pick_with_replacement=bool(m.get("pick_with_replacement", False)),
-        clamp_negative_attention_mass=bool(m.get("clamp_negative_attention_mass", True)),
-        dtype=configlib.compute_dtype(config), remat=base.remat_mode(config))
+    self.module = wsdan.WSDAN(num_classes=num_classes, **model_fields(config.model),
+                              dtype=configlib.compute_dtype(config), remat=config.remat)
     self.center_rule = "dualattendmed" if self.variant == "dualattendmed" else "wsdan"
 
   torch_rename = staticmethod(wsdan.torch_key_rename)  # upstream keys → the converter's naming rule
@@ -69,8 +93,8 @@ class WSDANClassifier(base.ClassificationSystem):
                        f"{tuple(extra['feature_centers'].shape)} (num_classes × M·C)")
     return dict(extra, feature_centers=jax.device_put(centers, extra["feature_centers"].sharding))
 
-  def _theta(self, key: str, default):
-    value = self.loss_cfg.get(key, default)
+  def _theta(self, key: str):
+    value = self.loss_cfg[key]
     return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else float(value)
 
   def init(self, rng, inputs):
@@ -102,15 +126,15 @@ class WSDANClassifier(base.ClassificationSystem):
     centers = extra["feature_centers"]
     class_centers = l2_normalize(centers)[labels]  # upstream reads them before the update
     new_centers = wsdan.update_feature_centers(
-        centers, out.feature_matrix, labels, beta=float(self.loss_cfg.get("center_beta", 0.05)),
-        rule=self.center_rule, share_batch_mean=bool(self.loss_cfg.get("share_batch_mean", False)),
-        duplicate_labels=self.loss_cfg.get("center_duplicate_labels", "mean"))
+        centers, out.feature_matrix, labels, beta=float(self.loss_cfg.center_beta),
+        rule=self.center_rule, share_batch_mean=bool(self.loss_cfg.share_batch_mean),
+        duplicate_labels=self.loss_cfg.center_duplicate_labels)
     maps = jax.lax.stop_gradient(out.attention_map)  # upstream augments under torch.no_grad()
-    drop_last = bool(self.loss_cfg.get("drop_last_mask_row", False))
-    crop = attention_augment.attention_crop(x, maps[..., 0], self._theta("crop_theta", 0.5),
-                                            float(self.loss_cfg.get("crop_padding", 0.1)), key=k_crop,
+    drop_last = bool(self.loss_cfg.drop_last_mask_row)
+    crop = attention_augment.attention_crop(x, maps[..., 0], self._theta("crop_theta"),
+                                            float(self.loss_cfg.crop_padding), key=k_crop,
                                             thetas=draws.get("crop_thetas"), drop_last_mask_row=drop_last)
-    drop = attention_augment.attention_drop(x, maps[..., 1], self._theta("drop_theta", 0.5), key=k_drop,
+    drop = attention_augment.attention_drop(x, maps[..., 1], self._theta("drop_theta"), key=k_drop,
                                             thetas=draws.get("drop_thetas"))
     aug, mutated = self.module.apply(base.with_stats(params, mutated["batch_stats"]),
                                      jax.lax.stop_gradient(jnp.concatenate([crop, drop])), train=True, key=k_aug,
@@ -125,11 +149,10 @@ class WSDANClassifier(base.ClassificationSystem):
       align = wsdan_losses.attention_alignment_loss(out.attention_maps)
       diversity = wsdan_losses.diversity_loss(out.attention_maps)
       aux = wsdan_losses.auxiliary_loss_v2(out.feature_matrix, class_centers, self.module.num_attentions,
-                                           margin=float(self.loss_cfg.get("aux_margin", 1.0)))
+                                           margin=float(self.loss_cfg.aux_margin))
       total = wsdan_losses.dualattendmed_loss(
           cls, align, diversity, aux, epoch,
-          lambdas=tuple(self.loss_cfg.get("lambdas", wsdan_losses.DUALATTENDMED_LAMBDAS)),
-          aux_weight=float(self.loss_cfg.get("aux_weight", 0.01)))
+          lambdas=tuple(self.loss_cfg.lambdas), aux_weight=float(self.loss_cfg.aux_weight))
       metrics.update(loss_classification=cls, loss_alignment=align, loss_diversity=diversity, loss_auxiliary=aux)
     else:
       terms = wsdan_losses.cal_classification_terms(out.logits, out.effect_logits, aug.logits, aug.effect_logits,
@@ -147,9 +170,9 @@ class WSDANClassifier(base.ClassificationSystem):
     x = inputs[self.field]
     out = self.module.apply(variables, x, train=False)
     crop = attention_augment.attention_crop(x, out.attention_map[..., 0],
-                                            float(self.loss_cfg.get("eval_crop_theta", 0.5)),
-                                            float(self.loss_cfg.get("eval_crop_padding", 0.1)),
-                                            drop_last_mask_row=bool(self.loss_cfg.get("drop_last_mask_row", False)))
+                                            float(self.loss_cfg.eval_crop_theta),
+                                            float(self.loss_cfg.eval_crop_padding),
+                                            drop_last_mask_row=bool(self.loss_cfg.drop_last_mask_row))
     out_crop = self.module.apply(variables, crop, train=False)
     return {"logits": 0.5 * (out.logits + out_crop.logits), "logits_raw": out.logits,
             "attention": out.attention_map[..., 0]}

@@ -17,6 +17,9 @@ at random by fraction) and ``config.data.train_class_counts`` (cyclic per-class 
 training split). Per-epoch ReduceLROnPlateau and early stopping: ``config.reduce_on_plateau`` /
 ``config.early_stopping`` with ``config.eval_every_epochs`` (``jaxretina.train.plateau``; the loop
 calls ``after_evaluation`` after each epoch's evaluation).
+
+The config fields and their defaults are declared in ``configlib.classification_config`` and in the
+system's module (``jaxretina/systems/<config.model.name>.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from jaxretina import configlib
 from jaxretina.data import augment as augment_lib
 from jaxretina.evaluators import common as evaluators_lib
 from jaxretina.systems import build_classification_system
@@ -41,7 +45,6 @@ from jaxretina.train.state import TaskBase, TrainState
 from jaxretina.data import pipeline
 from jaxretina import datasets
 from jaxretina.models import convert, resnet
-from jaxretina.models import convert
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,13 +138,13 @@ def color_jitter(key: jax.Array, images: jax.Array, brightness: float = 0.0, con
   return images
 
 
-def _has_affine(cfg: Mapping[str, Any]) -> bool:
-  scale = tuple(float(v) for v in (cfg.get("affine_scale") or (1.0, 1.0)))
-  return bool(cfg.get("affine_degrees") or cfg.get("affine_translate") or scale != (1.0, 1.0))
+def _has_affine(cfg: ml_collections.ConfigDict) -> bool:
+  scale = tuple(float(v) for v in cfg.affine_scale)
+  return bool(cfg.affine_degrees or cfg.affine_translate or scale != (1.0, 1.0))
 
 
-def _augment_chain(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any], erase_value) -> jax.Array:
-  order = list(cfg.get("order") or AUGMENT_OPS)
+def _augment_chain(key: jax.Array, images: jax.Array, cfg: ml_collections.ConfigDict, erase_value) -> jax.Array:
+  order = list(cfg.order or AUGMENT_OPS)
   unknown = [op for op in order if op not in AUGMENT_OPS]
   if unknown or len(set(order)) != len(order):
     raise ValueError(f"config.augment.order={order}: expected distinct names among {AUGMENT_OPS}")
@@ -149,27 +152,24 @@ def _augment_chain(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any], er
   batch = images.shape[0]
   for op in order:
     k = keys[op]
-    if op == "resized_crop" and cfg.get("resized_crop_scale"):
-      scale = tuple(float(s) for s in cfg.get("resized_crop_scale"))
+    if op == "resized_crop" and cfg.resized_crop_scale:
+      scale = tuple(float(s) for s in cfg.resized_crop_scale)
       images = augment_lib.random_resized_crop(k, images, images.shape[1:3], scale)
-    elif op == "hflip" and float(cfg.get("hflip", 0.0)) > 0:
-      flip = jax.random.bernoulli(k, float(cfg.get("hflip")), (batch,))
+    elif op == "hflip" and float(cfg.hflip) > 0:
+      flip = jax.random.bernoulli(k, float(cfg.hflip), (batch,))
       images = jnp.where(flip[:, None, None, None], augment_lib.horizontal_flip(images), images)
-    elif op == "rotation" and float(cfg.get("rotation", 0.0)) > 0:
-      images = augment_lib.random_rotation(k, images, float(cfg.get("rotation")))
+    elif op == "rotation" and float(cfg.rotation) > 0:
+      images = augment_lib.random_rotation(k, images, float(cfg.rotation))
     elif op == "color_jitter":
-      images = color_jitter(k, images, float(cfg.get("brightness", 0.0)), float(cfg.get("contrast", 0.0)),
-                            float(cfg.get("saturation", 0.0)), float(cfg.get("hue", 0.0)))
+      images = color_jitter(k, images, float(cfg.brightness), float(cfg.contrast), float(cfg.saturation),
+                            float(cfg.hue))
     elif op == "affine" and _has_affine(cfg):
-      translate = float(cfg.get("affine_translate") or 0.0)
-      scale = tuple(float(s) for s in (cfg.get("affine_scale") or (1.0, 1.0)))
-      images = augment_lib.torchvision_random_affine(k, images, float(cfg.get("affine_degrees") or 0.0),
-                                                     (translate, translate), scale)
-    elif op == "erasing" and float(cfg.get("erasing") or 0.0) > 0:
-      images = augment_lib.random_erasing(k, images, float(cfg.get("erasing")),
-                                          tuple(float(s) for s in (cfg.get("erasing_scale") or (0.02, 0.33))),
-                                          tuple(float(s) for s in (cfg.get("erasing_ratio") or (0.3, 3.3))),
-                                          erase_value)
+      translate = float(cfg.affine_translate)
+      images = augment_lib.torchvision_random_affine(k, images, float(cfg.affine_degrees), (translate, translate),
+                                                     tuple(float(s) for s in cfg.affine_scale))
+    elif op == "erasing" and float(cfg.erasing) > 0:
+      images = augment_lib.random_erasing(k, images, float(cfg.erasing), tuple(float(s) for s in cfg.erasing_scale),
+                                          tuple(float(s) for s in cfg.erasing_ratio), erase_value)
   return images
 
 
@@ -177,7 +177,8 @@ def augment(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any], labels: j
             erase_value=0.0) -> jax.Array:
   """The classification recipes' train-time transforms on device, per sample, for (B, H, W, C) in [0, 1].
 
-  ``cfg`` (``config.augment``), each transform skipped at its neutral value:
+  ``cfg`` (``config.augment``, whole or in part: ``configlib.augment_config`` declares the fields and
+  completes it), each transform skipped at its neutral value:
 
   * ``resized_crop_scale``: [low, high] of torchvision's RandomResizedCrop back to the input size;
   * ``hflip``: flip probability;
@@ -187,17 +188,18 @@ def augment(key: jax.Array, images: jax.Array, cfg: Mapping[str, Any], labels: j
     scale) without shear;
   * ``erasing``/``erasing_scale``/``erasing_ratio``: RandomErasing(p, scale, ratio), filled with
     ``erase_value`` (the normalisation's zero point: torchvision erases after ``Normalize`` with 0);
-  * ``order``: the order of the transforms (default ``AUGMENT_OPS``);
+  * ``order``: the order of the transforms (None: ``AUGMENT_OPS``);
   * ``class_conditional``: ``{labels: [...], <the keys above>}`` — samples whose label is listed get
     this chain instead of the main one (FCN-CLIP's "minority" transform); needs ``labels`` (B,).
 
   Geometric resampling is bilinear with zeros outside (torchvision's RandomRotation/RandomAffine
   default to nearest).
   """
+  cfg = configlib.augment_config(cfg)
   k_main, k_class = jax.random.split(key)
   out = _augment_chain(k_main, images, cfg, erase_value)
-  conditional = cfg.get("class_conditional") or {}
-  chosen_labels = list(conditional.get("labels") or [])
+  conditional = cfg.class_conditional
+  chosen_labels = list(conditional.labels)
   if chosen_labels:
     if labels is None:
       raise ValueError("config.augment.class_conditional needs the batch's labels; this batch has none")
@@ -244,7 +246,7 @@ def input_crop_size(d: ml_collections.ConfigDict) -> int | None:
   at random per sample for training, at the centre for evaluation and prediction (upstream's
   ``Resize(S/0.875)`` → ``RandomCrop(S)`` / ``CenterCrop(S)``).
   """
-  crop = d.get("crop_size")
+  crop = d.crop_size
   if not crop:
     return None
   if not 0 < int(crop) <= int(d.image_size):
@@ -270,13 +272,13 @@ def _open_mix_split(d: ml_collections.ConfigDict, split: str, data_dir: str):
     if not source.get("name") or not source.get("split"):
       raise ValueError(f"config.data.mix.sources[{i}]={dict(source)}: expected a dataset 'name' and its 'split'")
     kwargs = dict(source.get("builder_kwargs") or {})
-    if d.get("build_if_missing", False):
+    if d.build_if_missing:
       datasets.ensure_built(source["name"], data_dir, **kwargs)
     parts.append(pipeline.open_source(source["name"], source["split"], data_dir, kwargs))
   concatenated = pipeline.ConcatSource(parts)
   try:
     indices = pipeline.split_by_fractions(len(concatenated), [float(entry[1]) for entry in mix.splits],
-                                          int(mix.get("seed", 0)))
+                                          int(mix.seed))
   except ValueError as e:
     raise ValueError(f"config.data.mix.splits={[list(entry) for entry in mix.splits]}: {e}") from None
   return pipeline.RecordSubset(concatenated, indices[names.index(split)], f"mix split {split!r}")
@@ -288,18 +290,16 @@ def open_split(d: ml_collections.ConfigDict, split: str, name: str | None = None
 
   With ``config.data.mix.sources`` (and no other ``name`` asked for) the split is one of the mix's.
   """
-  mix = d.get("mix") or {}
-  if mix.get("sources") and not name:
+  if d.mix.sources and not name:
     source = _open_mix_split(d, split, data_dir or d.data_dir)
-    subset = d.get("label_subset")
-    return pipeline.LabelSubset(source, list(subset)) if subset else source
+    return pipeline.LabelSubset(source, list(d.label_subset)) if d.label_subset else source
   name = name or d.name
   data_dir = data_dir or d.data_dir
-  kwargs = dict(builder_kwargs or d.get("builder_kwargs") or {})
-  if d.get("build_if_missing", False):
+  kwargs = dict(builder_kwargs or d.builder_kwargs or {})
+  if d.build_if_missing:
     datasets.ensure_built(name, data_dir, **kwargs)
   source = pipeline.open_source(name, split, data_dir, kwargs)
-  subset = d.get("label_subset")
+  subset = d.label_subset
   if subset:
     source = pipeline.LabelSubset(source, list(subset))
   return source
@@ -316,7 +316,7 @@ class ClassificationTask(TaskBase):
     d = config.data
     self.fields = parse_fields(d.fields)
     self.num_classes = int(d.num_classes)
-    self.class_names = list(d.get("class_names") or [str(k) for k in range(self.num_classes)])
+    self.class_names = list(d.class_names or [str(k) for k in range(self.num_classes)])
     if len(self.class_names) != self.num_classes:
       raise ValueError(f"config.data.class_names has {len(self.class_names)} names for num_classes="
                        f"{self.num_classes}")
@@ -326,16 +326,18 @@ class ClassificationTask(TaskBase):
     self.classifier = build_classification_system(config, self.num_classes, self.fields)
     train_labels = np.asarray(train_labels)
     self.classifier.set_training_labels(train_labels, self.num_classes)
+    # config.augment completed with the declared neutral transforms (a config may give a part of it).
+    self.augment_config = configlib.augment_config(config.augment)
     self.crop_size = input_crop_size(d)
     self.input_size = self.crop_size or int(d.image_size)
     self.classifier.prepare(self.input_size)
     self.class_weights, samples = self._sampling(train_labels)
     self.steps_per_epoch = max(samples // self.global_batch_size, 1)
-    self.microbatches = microbatch.check(config.get("microbatches", 1), self.global_batch_size,
+    self.microbatches = microbatch.check(config.microbatches, self.global_batch_size,
                                          distributed.num_data_shards(mesh))
-    self.total_steps = int(config.get("total_steps") or math.ceil(config.epochs * self.steps_per_epoch))
+    self.total_steps = int(config.total_steps or math.ceil(config.epochs * self.steps_per_epoch))
     self.schedule = optim.make_schedule(config.schedule, self.steps_per_epoch, self.total_steps)
-    frozen = list(config.optimizer.get("frozen") or [])
+    frozen = list(config.optimizer.frozen)
     trainable = None
     if frozen:
       abstract = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))[0]
@@ -358,8 +360,8 @@ class ClassificationTask(TaskBase):
     weight per class, torch's WeightedRandomSampler with replacement), 'inverse_frequency' or a
     rule of the model's system (``sampling_class_weights``, e.g. 'fcn_clip_notebook');
     ``samples_per_epoch`` (0 = the split size)."""
-    s = self.config.data.get("sampling") or {}
-    weights = s.get("class_weights")
+    s = self.config.data.sampling
+    weights = s.class_weights
     n = len(train_labels)
     if weights in (None, "", "none"):
       return None, n
@@ -371,7 +373,7 @@ class ClassificationTask(TaskBase):
     weights = [float(w) for w in weights]
     if len(weights) != self.num_classes:
       raise ValueError(f"config.data.sampling.class_weights: expected {self.num_classes} weights, got {weights}")
-    return weights, int(s.get("samples_per_epoch") or n)
+    return weights, int(s.samples_per_epoch or n)
 
   def data_streams(self, mesh) -> dict[str, Any]:
     return {"main": iter(pipeline.classification_batches(
@@ -387,10 +389,10 @@ class ClassificationTask(TaskBase):
     an evaluation batch (``key`` None: evaluators, CAM features) at the centre, before augmenting.
     ``batch['label']`` selects ``config.augment.class_conditional``'s chain.
     """
-    mode = self.config.data.get("normalize", "imagenet")
-    aug_cfg = self.config.get("augment") or {}
+    mode = self.config.data.normalize
+    aug_cfg = self.augment_config
     labels = batch.get("label") if hasattr(batch, "get") else None
-    if key is None and aug_cfg.get("augment_eval_splits") and labels is not None:
+    if key is None and aug_cfg.augment_eval_splits and labels is not None:
       # Upstream quirk (config.augment.augment_eval_splits): evaluation batches get the training
       # transforms too. The key is a function of the batch's record indices, so a re-evaluation
       # draws the same transforms.
@@ -444,15 +446,15 @@ class ClassificationTask(TaskBase):
     """Fresh start only: ``config.init.checkpoint`` (an upstream PyTorch checkpoint of this model,
     converted strictly; a CAL/DualAttendMed ``feature_center`` comes along) and the classifier's own
     pretrained pieces (FCN-CLIP's FLAIR encoder)."""
-    init = self.config.get("init") or {}
+    init = self.config.init
     variables = jax.device_get(state.variables())
     extra = state.extra
     changed = False
-    if init.get("checkpoint"):
+    if init.checkpoint:
       variables, extras = self._convert_checkpoint(init.checkpoint)
       extra = self.classifier.restore_extra(extras, extra, init.checkpoint)
       changed = True
-    if init.get("backbone"):
+    if init.backbone:
       variables = self._load_backbones(variables, init.backbone)
       changed = True
     loaded = self.classifier.load_pretrained(variables)
@@ -554,7 +556,7 @@ class ClassificationTask(TaskBase):
     if hasattr(classifier, "eval_loss"):
       optional["eval_loss"] = classifier.eval_loss
     return evaluators_lib.from_config(
-        self.config.get("evals"), workdir=workdir, mesh=self.mesh, predict=self.predict, open_split=self.open_split,
+        self.config.evals, workdir=workdir, mesh=self.mesh, predict=self.predict, open_split=self.open_split,
         fields=self.fields, class_names=self.class_names, image_size=int(self.config.data.image_size),
         crop_size=self.crop_size, batch_size=self.global_batch_size, train_split=self.config.data.train_split,
         **optional)
@@ -580,7 +582,7 @@ def make_classification_task(config, mesh) -> ClassificationTask:
   """The task on ``config.data``'s training split (label subset applied, built if allowed)."""
   num_classes = int(config.data.num_classes)
   source = open_split(config.data, config.data.train_split)
-  counts = config.data.get("train_class_counts")
+  counts = config.data.train_class_counts
   if counts:
     if len(counts) != num_classes:
       raise ValueError(f"config.data.train_class_counts={list(counts)}: expected one count per class "

@@ -1,6 +1,7 @@
 """Contrastive image–text pretraining: FLAIR, and KeepFIT's knowledge-enhanced objective.
 
-One step (KeepFIT, ``train_epoch_with_KD_loss_Atte_s``; FLAIR is the same with ``config.kd`` off):
+One step (KeepFIT, ``train_epoch_with_KD_loss_Atte_s``; FLAIR is the same with ``config.kd`` off;
+the fields and their defaults: ``configlib.contrastive_config`` and ``systems/flair.py``):
 
   I  = f_img(aug(images))     T  = f_txt(prompt tokens)        L_main = softCLIP(T·Iᵀ·e^s, co-occurrence)
   I_k = f_img(kd images)      T_k = f_txt(kd caption tokens)   L_kd   = softCLIP(T_k·I_kᵀ·e^s, targets_kd)
@@ -33,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxretina import configlib
 from jaxretina.evaluators import common as evaluators_lib
 from jaxretina.evaluators import zero_shot
 from jaxretina.models import bert as bert_lib
@@ -123,12 +125,15 @@ class ContrastiveTask(TaskBase):
     self.local_batch_size = distributed.local_batch_size(self.global_batch_size, mesh)
     self.train_source = train_source
     self.steps_per_epoch = max(int(num_train_examples) // self.global_batch_size, 1)
-    epochs = config.epochs - config.get("start_epoch", 0)
-    self.total_steps = int(config.get("total_steps") or math.ceil(epochs * self.steps_per_epoch))
+    epochs = config.epochs - config.start_epoch
+    self.total_steps = int(config.total_steps or math.ceil(epochs * self.steps_per_epoch))
     self.schedule = optim.make_schedule(config.schedule, self.steps_per_epoch, self.total_steps)
     self.tx = optim.make_optimizer(config.optimizer, self.schedule)
-    self.groups = distributed.num_data_shards(mesh) if config.loss.get("contrastive_scope") == "per_device" else 1
-    self.microbatches = microbatch.check(config.get("microbatches", 1), self.global_batch_size,
+    if config.augment.recipe not in configlib.CONTRASTIVE_AUGMENT_RECIPES:
+      raise ValueError(f"config.augment.recipe={config.augment.recipe!r}: expected one of "
+                       f"{configlib.CONTRASTIVE_AUGMENT_RECIPES}")
+    self.groups = distributed.num_data_shards(mesh) if config.loss.contrastive_scope == "per_device" else 1
+    self.microbatches = microbatch.check(config.microbatches, self.global_batch_size,
                                          distributed.num_data_shards(mesh))
     logging.info("contrastive task: %d train examples, %d steps/epoch, %d steps", num_train_examples,
                  self.steps_per_epoch, self.total_steps)
@@ -166,19 +171,19 @@ class ContrastiveTask(TaskBase):
     Runs on a fresh start only (a resumed run has its own weights), outside jit so the weights are
     device arrays rather than constants baked into a program.
     """
-    init = self.config.get("init") or {}
-    if not any(init.get(k) for k in ("checkpoint", "vision_checkpoint", "text_pretrained")):
+    init = self.config.init
+    if not (init.checkpoint or init.vision_checkpoint or init.text_pretrained):
       return state
     variables = jax.device_get(state.variables())
-    if init.get("checkpoint"):
+    if init.checkpoint:
       variables = flair.load_flair_checkpoint(init.checkpoint, self.model)
-    if init.get("vision_checkpoint"):
+    if init.vision_checkpoint:
       s = self.config.data.image_size
       vis = resnet_lib.from_torch(load_torch_checkpoint(init.vision_checkpoint), self.model.vision,
                                   input_shape=(1, s, s, 3))
       variables["params"]["vision_model"]["model"] = vis["params"]
       variables["batch_stats"]["vision_model"]["model"] = vis["batch_stats"]
-    if init.get("text_pretrained"):
+    if init.text_pretrained:
       _, text_vars = bert_lib.load_hf_bert(init.text_pretrained, add_pooling_layer=False)
       variables["params"]["text_model"]["model"] = text_vars["params"]
     shard = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
@@ -196,8 +201,8 @@ class ContrastiveTask(TaskBase):
         self.train_source, caption_template=d.caption_template, augment_description=d.augment_description,
         use_caption=False, seed=c.seed, **common))}
     if c.kd.enabled:
-      kd_source = pipeline.open_source(c.kd.get("name") or d.name, c.kd.split, c.kd.get("data_dir") or d.data_dir,
-                                       dict(c.kd.get("builder_kwargs") or d.get("builder_kwargs") or {}))
+      kd_source = pipeline.open_source(c.kd.name or d.name, c.kd.split, c.kd.data_dir or d.data_dir,
+                                       dict(c.kd.builder_kwargs or d.builder_kwargs or {}))
       streams["kd"] = iter(pipeline.knowledge_batches(
           kd_source, use_caption=c.kd.use_caption, caption_template=d.caption_template,
           augment_description=d.augment_description, seed=c.seed + 1, **common))
@@ -213,7 +218,7 @@ class ContrastiveTask(TaskBase):
     targets are built from."""
     c = self.config
     images = batch["image"].astype(jnp.float32) / 255.0
-    if c.get("augment", "flair") == "flair":
+    if c.augment.recipe == "flair":
       images = flair_augment(key, images)
     inputs = {"images": images, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "category_id": batch["category_id"]}
@@ -392,9 +397,9 @@ class ContrastiveTask(TaskBase):
   def evaluators(self, workdir: str | None) -> evaluators_lib.Evaluators:
     """The evaluators of ``config.evals`` on this model, writing their reports under ``workdir``."""
     model, config = self.model, self.config
-    prompt, classes = zero_shot.prompt_of(config.get("evals"))
+    prompt, classes = zero_shot.prompt_of(config.evals)
     return evaluators_lib.from_config(
-        config.get("evals"), workdir=workdir, mesh=self.mesh,
+        config.evals, workdir=workdir, mesh=self.mesh,
         encode_images=lambda v, images: model.apply(v, images, train=False, method=type(model).encode_image),
         encode_texts=lambda v, ids, mask: model.apply(v, ids, mask, train=False, method=type(model).encode_text),
         model=model, tokenizer=self.tokenizer, max_length=int(config.text.max_length), prompt=prompt,
@@ -405,10 +410,9 @@ class ContrastiveTask(TaskBase):
 def make_contrastive_task(config, mesh) -> ContrastiveTask:
   """The task on ``config.data``'s training split (built first when ``build_if_missing``)."""
   d = config.data
-  if d.get("build_if_missing", False):
-    datasets.ensure_built(d.name, d.data_dir, **dict(d.get("builder_kwargs") or {}))
-  source = pipeline.open_source(d.name, d.train_split, d.data_dir, dict(d.get("builder_kwargs") or {}))
-  source = pipeline.pretraining_source(source, balance=bool(d.get("balance", False)),
-                                       banned_categories=list(d.get("banned_categories") or []),
-                                       banned_match=d.get("banned_match", "substring"), seed=int(config.seed))
+  if d.build_if_missing:
+    datasets.ensure_built(d.name, d.data_dir, **dict(d.builder_kwargs or {}))
+  source = pipeline.open_source(d.name, d.train_split, d.data_dir, dict(d.builder_kwargs or {}))
+  source = pipeline.pretraining_source(source, balance=bool(d.balance), banned_categories=list(d.banned_categories),
+                                       banned_match=d.banned_match, seed=int(config.seed))
   return ContrastiveTask(config, mesh, len(source), train_source=source)

@@ -153,7 +153,7 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 def global_batch_size(config, mesh: Mesh) -> int:
   """``config.per_device_batch_size`` × the mesh's devices when set (> 0), else ``config.batch_size``:
   the same command then keeps the per-device batch on 8 GPUs or a 256-chip pod."""
-  per_device = int(config.get("per_device_batch_size", 0) or 0)
+  per_device = int(config.per_device_batch_size)
   if per_device < 0:
     raise ValueError(f"config.per_device_batch_size={per_device}: expected 0 (use config.batch_size) or more")
   return per_device * mesh.size if per_device else int(config.batch_size)

@@ -95,8 +95,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   shardings = state_shardings(mesh, abstract)
 
   checkpointer = ckpt_lib.Checkpointer(fileio.join(workdir, "checkpoints"),
-                                       max_to_keep=config.get("keep_checkpoints", 3),
-                                       async_checkpointing=config.get("async_checkpointing", True))
+                                       max_to_keep=config.keep_checkpoints,
+                                       async_checkpointing=config.async_checkpointing)
   streams = task.data_streams(mesh)
   data_group = ckpt_lib.IteratorGroup(**streams)
   try:
@@ -127,20 +127,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sh = distributed.batch_sharding(mesh)
   step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_sh),
                     out_shardings=(shardings, distributed.replicated(mesh)), donate_argnums=(0,))
-  log_every = int(config.get("log_every", 10))
-  eval_every = int(config.get("eval_every", 0) or 0)
+  log_every = int(config.log_every)
+  eval_every = int(config.eval_every)
   # Epoch-end evaluations (upstream's per-epoch validation); only these call task.after_evaluation.
-  epoch_eval_every = int(config.get("eval_every_epochs", 0) or 0) * task.steps_per_epoch
-  ckpt_every = int(config.get("checkpoint_every", 0) or 0)
+  epoch_eval_every = int(config.eval_every_epochs) * task.steps_per_epoch
+  ckpt_every = int(config.checkpoint_every)
   best_checkpointer = None
   if task.keep_best_checkpoint:
     best_checkpointer = ckpt_lib.Checkpointer(fileio.join(workdir, BEST_CHECKPOINT_DIR), max_to_keep=1,
-                                              async_checkpointing=config.get("async_checkpointing", True))
+                                              async_checkpointing=config.async_checkpointing)
   progress = Progress(total, start, task.global_batch_size)
   final: dict[str, float] = {}
   stop_reason, stopped_at = None, None
   compute_dtype = configlib.compute_dtype(config).name  # named in the non-finite-loss message
-  profiler = profiling.StepProfiler(config.get("profile_steps", ""), fileio.join(workdir, "profile"))
+  profiler = profiling.StepProfiler(config.profile_steps, fileio.join(workdir, "profile"))
   t_start = time.perf_counter()
   compile_s = None
   last_metrics = None
@@ -270,6 +270,12 @@ def _config_fields(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _declared_fields(fields: Mapping[str, Any]) -> dict:
+  """config.json's fields over the declared defaults (``configlib.with_defaults``): a field declared
+  after the workdir's config.json was written reads as its default, an old name as the new one."""
+  return _config_fields(configlib.with_defaults(fields))
+
+
 def _flatten(fields: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in fields.items():
@@ -310,8 +316,9 @@ def check_config_unchanged(config, workdir: str, allow_config_change: bool = Fal
   """Compares ``config`` with the workdir's ``config.json``; returns the latter (None without one).
 
   Raises ``ConfigChangedError`` listing the differing fields (old → new) when they change training
-  (everything outside ``CHANGEABLE_ON_RESUME``) and ``allow_config_change`` is false. Nothing is
-  written here.
+  (everything outside ``CHANGEABLE_ON_RESUME``) and ``allow_config_change`` is false. Both configs
+  are compared over the declared defaults (``configlib.with_defaults``), so a field declared since
+  config.json was written is no difference while it keeps its default. Nothing is written here.
   """
   path = fileio.join(workdir, CONFIG_FILE)
   if not fileio.exists(path):
@@ -321,7 +328,7 @@ def check_config_unchanged(config, workdir: str, allow_config_change: bool = Fal
   except ValueError as e:
     raise ConfigChangedError(f"{path}: unreadable ({e}); it records the config that trained this workdir. "
                              "Repair or remove it, or use another --workdir.") from None
-  training, other = config_differences(previous, _config_fields(config))
+  training, other = config_differences(_declared_fields(previous), _declared_fields(_config_fields(config)))
   if training and not allow_config_change:
     raise ConfigChangedError(
         f"the config differs from the one that trained {workdir} ({path}) in {len(training)} field(s) that "
@@ -346,7 +353,9 @@ def _write_config(config, workdir: str, previous: dict | None, step: int) -> Non
   if previous is not None and previous == fields:
     return
   path = fileio.join(workdir, CONFIG_FILE)
-  if previous is not None:
+  # A config.json that differs only by fields declared since (at their defaults) is brought up to
+  # date without keeping a copy: it describes the same training.
+  if previous is not None and _declared_fields(previous) != _declared_fields(fields):
     history = fileio.join(workdir, f"config.{step}.json")
     n = 1
     while fileio.exists(history):  # a second change at the same step

@@ -231,30 +231,29 @@ class Report:
 
 
 def _metric_name(cfg) -> str:
-  return str(cfg.get("metric") or "").removeprefix("eval/")
+  return str(cfg.metric).removeprefix("eval/")
 
 
 class Controller:
-  """Both rules as ``config.reduce_on_plateau`` / ``config.early_stopping`` set them (either may be off)."""
+  """Both rules as ``config.reduce_on_plateau`` / ``config.early_stopping`` set them (either may be off;
+  the fields and their defaults: ``configlib.classification_config``)."""
 
   def __init__(self, config):
-    rp = config.get("reduce_on_plateau") or {}
-    es = config.get("early_stopping") or {}
+    rp, es = config.reduce_on_plateau, config.early_stopping
     self.plateau_metric = _metric_name(rp)
     self.stop_metric = _metric_name(es)
     self.plateau = None
     self.stopping = None
     if self.plateau_metric:
       self.plateau = ReduceLROnPlateau(
-          mode=str(rp.get("mode", "min")), factor=float(rp.get("factor", 0.1)), patience=int(rp.get("patience", 10)),
-          threshold=float(rp.get("threshold", 1e-4)), threshold_mode=str(rp.get("threshold_mode", "rel")),
-          cooldown=int(rp.get("cooldown", 0)), min_lr=float(rp.get("min_lr", 0.0)), eps=float(rp.get("eps", 1e-8)))
+          mode=str(rp.mode), factor=float(rp.factor), patience=int(rp.patience), threshold=float(rp.threshold),
+          threshold_mode=str(rp.threshold_mode), cooldown=int(rp.cooldown), min_lr=float(rp.min_lr),
+          eps=float(rp.eps))
     if self.stop_metric:
-      self.stopping = EarlyStopping(mode=str(es.get("mode", "min")), patience=int(es.get("patience", 0)),
-                                    min_delta=float(es.get("min_delta", 0.0)))
-    self.keep_best = bool(self.stopping is not None and es.get("keep_best", True))
-    self.base_lr = float((config.get("schedule") or {}).get("lr", 1.0))
-    if self.enabled and not int(config.get("eval_every_epochs", 0) or 0):
+      self.stopping = EarlyStopping(mode=str(es.mode), patience=int(es.patience), min_delta=float(es.min_delta))
+    self.keep_best = bool(self.stopping is not None and es.keep_best)
+    self.base_lr = float(config.schedule.lr)
+    if self.enabled and not int(config.eval_every_epochs):
       raise ValueError("config.reduce_on_plateau / config.early_stopping count evaluations at epoch ends: set "
                        "config.eval_every_epochs=1 (upstream steps them once per epoch)")
     if self.enabled and self.base_lr <= 0:
