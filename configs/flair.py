@@ -22,7 +22,7 @@ from jaxretina.configlib import load_config_module
 
 def get_config(arg=None):
   keepfit = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "keepfit.py"))
-  arg = ",".join(a for a in [arg or "", "kd=False"] if a)
+  arg = ",".join(a for a in [arg or "", "knowledge=False"] if a)
   c = keepfit.get_config(arg)
   c.data.banned_match = "substring"  # FLAIR bans a sample when a banned string is inside a category
   if "paper" in arg.split(","):

@@ -27,7 +27,7 @@ The datasets are built with ``python -m jaxretina.datasets build flair_dataframe
 (``launch/tpu_vm.sh``, ``launch/slurm.sh``); ``--config.mesh`` changes the device layout,
 e.g. ``--config.mesh=data:-1,fsdp:4``.
 
-Config arguments: ``paper`` (published recipe), ``kd=False`` (FLAIR objective: ``config.kd.enabled``
+Config arguments: ``paper`` (published recipe), ``knowledge=False`` (FLAIR objective: ``config.knowledge.enabled``
 off, the expert-knowledge pairs stream unused), ``steps=N`` (override the step count, e.g. for smoke
 tests). The fields and their defaults are declared in ``jaxretina.configlib.contrastive_config`` and
 ``jaxretina/systems/flair.py``; this file only overrides values.
@@ -43,14 +43,14 @@ from jaxretina.text import prompts
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, paper=False, synthetic=False, kd=True, steps=0)
+  arg = parse_arg(arg, paper=False, synthetic=False, knowledge=True, steps=0)
   c = contrastive_config("flair", steps=arg.steps)
   c.seed = 42
   # Upstream pretraining drops the OOD categories; KeepFIT matches them exactly, FLAIR as substrings.
   c.data.banned_categories = list(prompts.BANNED_CATEGORIES)
   c.data.banned_match = "exact"
   c.data.balance = False  # KeepFIT samples its mix uniformly (FLAIR: dataset-balanced, configs/flair.py)
-  c.kd.enabled = arg.kd  # the config argument kd=False: FLAIR's objective (configs/flair.py)
+  c.knowledge.enabled = arg.knowledge  # the config argument knowledge=False: FLAIR's objective (configs/flair.py)
   c.optimizer.update(name="adamw", weight_decay=1e-5, grad_clip=1.0)
   c.schedule.update(name="flair_warmup_cosine", lr=1e-4, warmup_epochs=1.0, max_epochs=100.0)
 
@@ -61,8 +61,8 @@ def get_config(arg=None):
     c.data.train_split = "train"
     c.data.image_size = 512
     c.data.category_names = []  # empty: categories are identified by a stable hash of their name
-    c.kd.name = "mm_retinal"
-    c.kd.split = "train"
+    c.knowledge.name = "mm_retinal"
+    c.knowledge.split = "train"
     c.text.tokenizer = ""  # set to the Bio_ClinicalBERT directory
     c.text.max_length = 256  # KeepFIT's tokenizer.model_max_length
     c.text.bert = dict()  # Bio_ClinicalBERT's own config.json (text.pretrained_dir)

@@ -9,6 +9,13 @@ upstream code). What it leaves out is stated in ``DIFFERENCES``.
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -120,15 +127,15 @@ def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], f
   text.config._attn_implementation = "eager"  # FLAIR/KeepFIT ran the eager attention of their transformers
   vision_proj = nn.Linear(vision.out_channels, m.proj_dim, bias=m.get("proj_bias", False))
   text_proj = nn.Linear(text_config.hidden_size, m.proj_dim, bias=m.get("proj_bias", False))
-  kd = bool(config.kd.enabled)
+  with_knowledge = bool(config.knowledge.enabled)
   attention = nn.MultiheadAttention(m.proj_dim, m.get("attention_heads", 2), dropout=m.get("attention_dropout", 0.5),
-                                    batch_first=False) if kd else None
+                                    batch_first=False) if with_knowledge else None
   logit_scale = nn.Parameter(torch.tensor(np.log(1 / m.get("logit_scale_init", 0.07)), dtype=torch.float32))
-  modules = nn.ModuleList([vision, text, vision_proj, text_proj] + ([attention] if kd else []))
+  modules = nn.ModuleList([vision, text, vision_proj, text_proj] + ([attention] if with_knowledge else []))
   params = list(modules.parameters()) + [logit_scale]
   opt = _optimizer(torch, config, params)
   clip = float(config.optimizer.get("grad_clip", 0.0))
-  streams = [("image", "input_ids", "attention_mask")] + ([("kd/image", "kd/input_ids", "kd/attention_mask")] if kd else [])
+  streams = [("image", "input_ids", "attention_mask")] + ([("kd/image", "kd/input_ids", "kd/attention_mask")] if with_knowledge else [])
   tensors = [(_images(torch, batch, i), torch.from_numpy(np.asarray(batch[t], np.int64)),
               torch.from_numpy(np.asarray(batch[a], np.int64))) for i, t, a in streams]
   categories = torch.from_numpy(np.asarray(batch["category_id"], np.int64))
@@ -150,11 +157,11 @@ def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], f
     opt.zero_grad(set_to_none=True)
     img, txt = embed(*tensors[0])
     loss = softce(img, txt, (categories[:, None] == categories[None, :]).float())
-    if kd:
+    if with_knowledge:
       kd_img, kd_txt = embed(*tensors[1])
       loss = loss + softce(kd_img, kd_txt, torch.eye(kd_img.shape[0]))
       revised, _ = attention(txt[:, None], kd_txt[:, None], kd_txt[:, None])
-      loss = loss + float(config.kd.weight) * F.mse_loss(revised[:, 0], txt)
+      loss = loss + float(config.knowledge.weight) * F.mse_loss(revised[:, 0], txt)
     loss.backward()
     if clip:
       torch.nn.utils.clip_grad_norm_(params, clip)
@@ -322,7 +329,7 @@ def reference_step(config, batch: Mapping[str, np.ndarray], task: Any) -> tuple[
   if config.task == "contrastive":
     step, count = _contrastive_step(torch, config, batch, task.text_config)
     return step, count, DIFFERENCES["contrastive"]
-  name = config.model.get("name", "")
+  name = config.model.name
   if name == "wsdan":
     step, count = _wsdan_step(torch, config, batch)
     return step, count, DIFFERENCES["wsdan"]
@@ -331,3 +338,81 @@ def reference_step(config, batch: Mapping[str, np.ndarray], task: Any) -> tuple[
     return step, count, DIFFERENCES["crd_net"]
   raise SystemExit(f"error: --against_torch: no PyTorch reference step for model {name!r} "
                    "(available: the contrastive configs, dual_attend_med, crd_net)")
+
+
+class ReferenceProcess:
+  """The PyTorch reference step in a process of its own, run one step at a time on request.
+
+  Two frameworks in one process do not time as they run alone: after a PyTorch step frees its
+  activations, glibc hands the memory back to the system and the next XLA step faults it in again
+  (measured on KeepFIT: our step took 7.9 s alone, 12.0 s right after a PyTorch step, 8.9 s after
+  a second step of ours). Each framework here keeps its own heap, as in real use, while the steps
+  stay interleaved in time: the child waits, idle, between the steps it is asked for.
+  """
+
+  def __init__(self, config, batch: Mapping[str, np.ndarray], task: Any):
+    inputs = {"config": config, "batch": {k: np.asarray(v) for k, v in batch.items()},
+              "text_config": getattr(task, "text_config", None), "fields": getattr(task, "fields", None)}
+    with tempfile.NamedTemporaryFile(prefix="jaxretina_torch_reference_", suffix=".pkl", delete=False) as f:
+      pickle.dump(inputs, f)
+      self._inputs_path = f.name
+    self._process = subprocess.Popen([sys.executable, "-m", "jaxretina.bench_torch", self._inputs_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    built = self._reply()
+    self.parameters, self.differences, self.threads = built["parameters"], built["differences"], built["threads"]
+
+  def _reply(self) -> dict:
+    line = self._process.stdout.readline()
+    if not line:
+      code = self._process.wait()
+      raise RuntimeError(f"the PyTorch reference process exited ({code}) without answering; its error is above")
+    return json.loads(line)
+
+  def step(self) -> tuple[float, float]:
+    """(wall seconds, CPU share of the child's cores) of one reference step."""
+    self._process.stdin.write("step\n")
+    self._process.stdin.flush()
+    timed = self._reply()
+    return timed["wall"], timed["cpu_share"]
+
+  def close(self) -> None:
+    if self._process.poll() is None:
+      self._process.stdin.close()
+      self._process.wait(timeout=60)
+    os.unlink(self._inputs_path)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class _TaskAttributes:
+  def __init__(self, text_config, fields):
+    self.text_config, self.fields = text_config, fields
+
+
+def _serve(inputs_path: str) -> None:
+  """The child of ``ReferenceProcess``: builds the step, then times one per ``step`` line on stdin."""
+  out = sys.stdout
+  sys.stdout = sys.stderr  # stdout carries the replies only: anything a library prints goes to stderr
+  with open(inputs_path, "rb") as f:
+    inputs = pickle.load(f)
+  task = _TaskAttributes(inputs["text_config"], inputs["fields"])
+  step, parameters, differences = reference_step(inputs["config"], inputs["batch"], task)
+  out.write(json.dumps({"parameters": parameters, "differences": differences, "threads": threads()}) + "\n")
+  out.flush()
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  for command in sys.stdin:
+    if command.strip() != "step":
+      raise SystemExit(f"error: unknown command {command.strip()!r} (expected 'step')")
+    c0, w0 = time.process_time(), time.perf_counter()
+    step()
+    wall = time.perf_counter() - w0
+    out.write(json.dumps({"wall": wall, "cpu_share": (time.process_time() - c0) / (wall * cores)}) + "\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+  _serve(sys.argv[1])

@@ -217,7 +217,7 @@ def contrastive_config(model_name: str = "flair", *, steps: int = 0) -> ml_colle
   # KeepFIT's expert-knowledge stream (off: FLAIR's objective): image–caption pairs of the dataset
   # ``name`` ('' = config.data.name) split ``split``; each step adds their contrastive loss (``targets``
   # 'identity', or the pairs' category co-occurrence) and ``weight`` × the MSE of the expert revision.
-  c.kd = ml_collections.ConfigDict(dict(enabled=False, split="expert", use_caption=True, targets="identity",
+  c.knowledge = ml_collections.ConfigDict(dict(enabled=False, split="expert", use_caption=True, targets="identity",
                                         weight=100.0, name="", data_dir="", builder_kwargs=None))
   # checkpoint: a whole FLAIR/KeepFIT PyTorch checkpoint; vision_checkpoint: torchvision ResNet weights
   # for the image tower; text_pretrained: a local HF BERT directory for the text tower. Fresh starts only.
@@ -231,7 +231,7 @@ def contrastive_config(model_name: str = "flair", *, steps: int = 0) -> ml_colle
 
 # Config fields whose entries are not declared (each holds its own keys): a saved value replaces the
 # default as a whole instead of being merged into it.
-OPEN_FIELDS = ("evals", "data.builder_kwargs", "text.bert", "kd.builder_kwargs")
+OPEN_FIELDS = ("evals", "data.builder_kwargs", "text.bert", "knowledge.builder_kwargs")
 
 _DEFAULTS_OF_TASK = {"classification": classification_config, "contrastive": contrastive_config}
 
@@ -250,6 +250,8 @@ def with_defaults(fields: Mapping[str, Any]) -> ml_collections.ConfigDict:
     raise ValueError(f"config.task={task!r}: expected one of {sorted(_DEFAULTS_OF_TASK)}")
   if task == "contrastive" and isinstance(fields.get("augment"), str):
     fields["augment"] = {"recipe": fields["augment"]}  # saved before config.augment was a ConfigDict
+  if task == "contrastive" and "kd" in fields and "knowledge" not in fields:
+    fields["knowledge"] = fields.pop("kd")  # saved before config.kd was named config.knowledge
   model = dict(fields.get("model") or {})
   config = _DEFAULTS_OF_TASK[task](model["name"]) if "name" in model else _DEFAULTS_OF_TASK[task]()
   _override(config, fields)
@@ -297,8 +299,8 @@ def use_synthetic_pretraining_data(c: ml_collections.ConfigDict) -> None:
   c.data.build_if_missing = True
   c.data.category_names = list(synthetic.CATEGORY_NAMES)
   c.data.banned_categories = list(prompts.BANNED_CATEGORIES)
-  c.kd.name = ""  # the generated dataset's own expert split
-  c.kd.split = "expert"
+  c.knowledge.name = ""  # the generated dataset's own expert split
+  c.knowledge.split = "expert"
   c.text.tokenizer = "embedded"
   c.text.pretrained_dir = ""
   c.text.bert = dict(vocab_size=PAPER_BERT_VOCAB_SIZE)

@@ -66,23 +66,28 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
     state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
 
-  torch_step = None
+  reference = None
   result_torch = {}
   if against_torch:
-    torch_step, torch_params, differences = bench_torch.reference_step(config, jax.device_get(batch), task)
+    reference = bench_torch.ReferenceProcess(config, jax.device_get(batch), task)
     for _ in range(warmup):
-      torch_step()
+      reference.step()
     ours = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    result_torch = {"torch_parameters": torch_params, "jaxretina_parameters": ours,
-                    "torch_reference_differs": differences, "torch_threads": bench_torch.threads()}
+    result_torch = {"torch_parameters": reference.parameters, "jaxretina_parameters": ours,
+                    "torch_reference_differs": reference.differences, "torch_threads": reference.threads,
+                    "torch_process": "separate (its own heap), steps interleaved with ours"}
 
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   on_cpu = jax.devices()[0].platform == "cpu"
   ours_samples, torch_samples = [], []
-  for _ in range(steps):  # interleaved: a slow phase of the machine hits both alike
-    ours_samples.append(_timed(jax_step, cores))
-    if torch_step is not None:
-      torch_samples.append(_timed(torch_step, cores))
+  try:
+    for _ in range(steps):  # interleaved: a slow phase of the machine hits both alike
+      ours_samples.append(_timed(jax_step, cores))
+      if reference is not None:
+        torch_samples.append(reference.step())
+  finally:
+    if reference is not None:
+      reference.close()
   median, kept = _median_kept(ours_samples, min_cpu_share, on_cpu)
   peak, peak_kind = _peak_memory_bytes(jax.local_devices())
   device = jax.devices()[0]
@@ -111,7 +116,7 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
     result["mfu_peak_tflop_s"] = peak_flops / 1e12
   elif flops:
     result["mfu"] = f"n/a (no peak FLOP/s on record for {device.device_kind!r}, {dtype})"
-  if torch_step is not None:
+  if reference is not None:
     torch_median, torch_kept = _median_kept(torch_samples, min_cpu_share, on_cpu)
     result.update(result_torch)
     result.update({"torch_step_s_median": round(torch_median, 4), "torch_steps_kept": torch_kept,

@@ -1,8 +1,9 @@
 """A tiny KeepFIT run for the kill -9 test: ``recovery_worker.py DATA_DIR WORKDIR STEPS``.
 
 Same device setup and matmul precision as the test process (via conftest), asynchronous checkpoints
-every step, and a pause after each save so that the parent's SIGKILL lands mid-run while a save may
-still be in flight.
+every step. Once the save of step STEPS-1 has started (Orbax first finishes the one before it, so
+step STEPS-2 is committed) the worker stops for up to ten minutes: the parent's SIGKILL lands then,
+mid-run and with a save possibly in flight, however slowly a loaded machine ran the steps before.
 """
 
 import os
@@ -29,9 +30,10 @@ with config.unlocked():
 _save = ckpt_lib.Checkpointer.save
 
 
-def _save_then_pause(self, *args, **kwargs):
-  saved = _save(self, *args, **kwargs)
-  time.sleep(0.5)
+def _save_then_pause(self, step, *args, **kwargs):
+  saved = _save(self, step, *args, **kwargs)
+  if step == steps - 1:
+    time.sleep(600)
   return saved
 
 

@@ -16,7 +16,7 @@ from jaxretina import configlib, inference, systems
 from jaxretina.configlib import load_config_module
 from jaxretina.train import loop
 
-CONFIG_ARGS = [("keepfit", ""), ("keepfit", "paper"), ("keepfit", "kd=False"), ("flair", ""), ("flair", "paper"),
+CONFIG_ARGS = [("keepfit", ""), ("keepfit", "paper"), ("keepfit", "knowledge=False"), ("flair", ""), ("flair", "paper"),
                ("dual_attend_med", ""), ("dual_attend_med", "paper"), ("dual_attend_med", "variant=cal"),
                ("crd_net", ""), ("crd_net", "paper"), ("bira_net", ""), ("bira_net", "variant=ra_net"),
                ("fcn_clip", ""), ("fcn_clip", "paper")]
@@ -82,13 +82,15 @@ def test_with_defaults_fills_fields_a_saved_config_lacks_and_keeps_the_others():
   assert isinstance(config.model.backbone_layers, tuple)  # JSON lists become the declared tuples
 
 
-def test_with_defaults_reads_a_contrastive_config_saved_before_augment_was_a_configdict():
+def test_with_defaults_reads_a_contrastive_config_saved_before_augment_and_knowledge():
   fields = _fields(_config("keepfit"))
   old = _without(fields, "model.name", "model.projection", "model.norm_features", "optimizer.momentum",
                  "schedule.gamma")
   old["augment"] = "flair"
+  old["kd"] = old.pop("knowledge")  # the field's name before it was config.knowledge
   config = configlib.with_defaults(old)
   assert config.model.name == "flair" and config.augment.recipe == "flair"
+  assert "kd" not in config and config.knowledge.enabled == fields["knowledge"]["enabled"]
   assert _fields(config) == fields
 
 

@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory):
 def trained_run(data_dir, tmp_path_factory):
   """A two-tower run trained 120 steps (checkpoints at 60 and 120) with a ``transfer`` evaluator."""
   workdir = str(tmp_path_factory.mktemp("two_tower") / "run")
-  config = tiny_keepfit_config(data_dir, steps=STEPS, kd=False)
+  config = tiny_keepfit_config(data_dir, steps=STEPS, knowledge=False)
   with config.unlocked():
     config.data.builder_kwargs = dict(DATA)
     config.batch_size = 32

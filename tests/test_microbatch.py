@@ -20,8 +20,8 @@ def test_split_and_merge_keep_rows_on_their_shard():
     microbatch.check(3, 16, 4)
 
 
-def _task(microbatches: int, kd: bool = True, scope: str = "global"):
-  config = tiny_keepfit_config("/nonexistent", kd=kd)
+def _task(microbatches: int, knowledge: bool = True, scope: str = "global"):
+  config = tiny_keepfit_config("/nonexistent", knowledge=knowledge)
   with config.unlocked():
     config.batch_size = 8
     config.microbatches = microbatches
@@ -51,11 +51,11 @@ def _inputs(task, seed=0):
   return inputs
 
 
-@pytest.mark.parametrize("kd, scope", [(True, "global"), (True, "per_device")])
-def test_gradcache_gradients_equal_the_whole_batch_loss(kd, scope):
+@pytest.mark.parametrize("knowledge, scope", [(True, "global"), (True, "per_device")])
+def test_gradcache_gradients_equal_the_whole_batch_loss(knowledge, scope):
   """The reference differentiates the whole-batch loss directly, each microbatch's towers normalised
   with that microbatch's BatchNorm statistics (what microbatching changes, and all it changes)."""
-  task = _task(2, kd, scope)
+  task = _task(2, knowledge, scope)
   state = jax.jit(task.init_state)(jax.random.PRNGKey(0))
   inputs, key = _inputs(task), jax.random.PRNGKey(3)
   (loss, (metrics, stats)), grads = jax.jit(task.microbatched_grads)(state.params, state.batch_stats, inputs, key)
@@ -63,14 +63,14 @@ def test_gradcache_gradients_equal_the_whole_batch_loss(kd, scope):
   shards, keys = 2, jax.random.split(key, 2)
 
   def reference(params):
-    streams = ["", "kd_"] if kd else [""]
+    streams = ["", "kd_"] if knowledge else [""]
     tower = {"images": inputs["images"], "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     lengths = {}
     for prefix in streams:
       mask = inputs[f"{prefix}attention_mask"]
       per_row = task._pool_lengths(mask)
       lengths[prefix] = per_row if per_row is not None else jnp.full((8,), jnp.max(jnp.sum(mask, -1)), jnp.int32)
-    if kd:
+    if knowledge:
       tower.update(kd_images=inputs["kd_images"], kd_input_ids=inputs["kd_input_ids"],
                    kd_attention_mask=inputs["kd_attention_mask"])
     tower["pool"], tower["kd_pool"] = lengths[""], lengths.get("kd_", lengths[""])
@@ -117,7 +117,7 @@ def test_classification_accumulation_is_the_mean_of_microbatch_gradients():
     for i, k in enumerate(jax.random.split(key, 2)):
       chunk_inputs, chunk_labels = jax.tree.map(lambda x: x[i], chunks)
       (loss, (_, stats, _)), g = jax.value_and_grad(
-          lambda p: task.classifier.loss({"params": p, "batch_stats": stats}, state.extra, chunk_inputs,
+          lambda p: task.classifier.loss({"params": p, "batch_stats": stats}, state.system_state, chunk_inputs,
                                          chunk_labels, k, 0), has_aux=True)(params)
       losses.append(loss)
       total = g if total is None else jax.tree.map(jnp.add, total, g)

@@ -50,7 +50,7 @@ ZERO_SHOT_CLASSES = ["normal", "glaucoma", "cataract"]
 def keepfit_run(data_dir, tmp_path_factory):
   """A FLAIR-objective two-tower run trained one step, without evaluators (quick); no class list."""
   workdir = str(tmp_path_factory.mktemp("keepfit") / "run")
-  config = tiny_keepfit_config(data_dir, steps=1, kd=False)
+  config = tiny_keepfit_config(data_dir, steps=1, knowledge=False)
   with config.unlocked():
     config.evals = {}
   loop.train_and_evaluate(config, workdir)

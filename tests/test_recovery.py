@@ -21,13 +21,16 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from train_utils import REPO_ROOT, tiny_keepfit_config
 from jaxretina.train import checkpoint as ckpt_lib
 from jaxretina.train import distributed, loop
+from jaxretina.train.state import TrainState
 
 STEPS = 4
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -295,11 +298,15 @@ def test_kill_9_and_resume_matches_the_uninterrupted_run(data_dir, reference, ki
   workdir = str(tmp_path / "killed")
   proc = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "tests", "recovery_worker.py"), data_dir,
                            workdir, str(STEPS)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  committed = os.path.join(workdir, "checkpoints", "2")
-  deadline = time.monotonic() + 300
+  # The worker stops once step STEPS-2 is committed and the next save has started
+  # (recovery_worker.py), so the kill lands mid-run however slow the machine is.
+  committed = os.path.join(workdir, "checkpoints", str(STEPS - 2))
+  deadline = time.monotonic() + 600
   while not os.path.isdir(committed) and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.02)
+  assert proc.poll() is None, f"the worker ended before step {STEPS - 2} was committed: {proc.stderr.read()[-3000:]}"
   proc.send_signal(signal.SIGKILL)
+  assert os.path.isdir(committed), f"no step {STEPS - 2} after 600 s"
   _, stderr = proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
   c = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_checkpointing=False)
@@ -364,3 +371,35 @@ def test_third_party_info_is_hidden_and_ours_kept():
   except ValueError:
     warning = record("/site-packages/grain/x.py", logging.WARNING, sys.exc_info())
   assert quiet.filter(warning) and warning.exc_info is None
+
+
+def test_a_step_saved_before_the_train_state_field_rename_restores(tmp_path):
+  """Checkpoints written while ``TrainState.system_state`` was called ``extra`` restore into it."""
+  @flax.struct.dataclass
+  class StateWithTheOldFieldName:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: dict
+    rng: jax.Array
+    extra: dict
+
+  fields = dict(step=jnp.array(3, jnp.int32), params={"w": jnp.arange(4.0)}, batch_stats={"mean": jnp.zeros(2)},
+                opt_state={"mu": jnp.ones(4)}, rng=jnp.zeros(2, jnp.uint32))
+  centers = jnp.arange(6.0).reshape(2, 3)
+  ckpt_dir = str(tmp_path / "checkpoints")
+  c = ckpt_lib.Checkpointer(ckpt_dir, async_checkpointing=False)
+  c.save(3, StateWithTheOldFieldName(**fields, extra={"feature_centers": centers}), None, force=True)
+  c.wait()
+  c.close()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          TrainState(**fields, system_state={"feature_centers": centers}))
+  c = ckpt_lib.Checkpointer(ckpt_dir, async_checkpointing=False)
+  try:
+    state, step = c.restore_latest(abstract, None)
+  finally:
+    c.close()
+  assert step == 3 and isinstance(state, TrainState)
+  np.testing.assert_array_equal(np.asarray(state.system_state["feature_centers"]), np.asarray(centers))
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), np.arange(4.0))

@@ -152,7 +152,7 @@ def test_remat_reduces_the_compiled_contrastive_step_temp_memory():
 
 def _classification_step(remat: str):
   """One DualAttendMed step: Bottleneck blocks at output stride 16, two train-mode passes per step
-  (raw, then [crop; drop]) chaining the batch_stats, feature centers in ``extra``."""
+  (raw, then [crop; drop]) chaining the batch_stats, feature centers in ``system_state``."""
   config = load_config_module(os.path.join(REPO_ROOT, "configs", "dual_attend_med.py")).get_config("steps=1")
   with config.unlocked():
     config.remat = remat
@@ -175,5 +175,5 @@ def test_classification_step_with_remat_equals_the_step_without():
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
   _assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
   _assert_trees_close(new_state.batch_stats, ref_new_state.batch_stats)
-  _assert_trees_close(new_state.extra, ref_new_state.extra)
+  _assert_trees_close(new_state.system_state, ref_new_state.system_state)
   assert temp < 0.8 * ref_temp, (ref_temp, temp)

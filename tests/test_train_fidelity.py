@@ -20,8 +20,8 @@ from jaxretina.train import contrastive, distributed
 from jaxretina.train.state import TrainState
 
 
-def _task(scope: str = "global", devices: int = 1, kd: bool = True) -> contrastive.ContrastiveTask:
-  config = tiny_keepfit_config("/nonexistent", kd=kd)
+def _task(scope: str = "global", devices: int = 1, knowledge: bool = True) -> contrastive.ContrastiveTask:
+  config = tiny_keepfit_config("/nonexistent", knowledge=knowledge)
   with config.unlocked():
     config.loss.contrastive_scope = scope
     config.model.attention_dropout = 0.0
@@ -124,7 +124,7 @@ def test_logit_scale_clamp_passes_the_full_gradient(start):
   """Deviation 6: upstream clamps ``logit_scale.data`` in place, so the gradient at the clamp is the
   full derivative of the loss at the clamped value (jnp.clip would halve it at the boundary and zero
   it above), and nothing clamps the updated value."""
-  task = _task(kd=False)
+  task = _task(knowledge=False)
   state = _state(task)
   state = state.replace(params=dict(state.params, logit_scale=jnp.asarray(start, jnp.float32)))
   inputs = _inputs(task)

@@ -258,7 +258,7 @@ def one_device_mesh():
   return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
 
 
-def start_state(case: Case, task, variables: Mapping[str, Any], *, step: int = 0, extra: Any = None):
+def start_state(case: Case, task, variables: Mapping[str, Any], *, step: int = 0, system_state: Any = None):
   """The trainer state a train-step fixture starts from.
 
   Checks that ``task``'s schedule gives the fixture's ``meta.optimizer.lr_at_step`` at ``step``, and
@@ -280,4 +280,4 @@ def start_state(case: Case, task, variables: Mapping[str, Any], *, step: int = 0
       raise ValueError(f"{case.path}: cannot put the optimizer's schedule counter at step {step}")
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})), opt_state=opt_state,
-                    rng=jax.random.key_data(jax.random.key(0)), extra={} if extra is None else extra)
+                    rng=jax.random.key_data(jax.random.key(0)), system_state={} if system_state is None else system_state)

@@ -139,7 +139,7 @@ def _contrastive_config(case: parity.Case, knowledge: bool):
                  softmax_over_heads=True,  # upstream's dim-less F.softmax
                  text_pooling="all_positions")
   weights = meta.get("loss_weights", {})
-  c.kd.update(enabled=knowledge, weight=float(weights.get("kd_norm_mse", 100.0)), targets="identity")
+  c.knowledge.update(enabled=knowledge, weight=float(weights.get("kd_norm_mse", 100.0)), targets="identity")
   c.loss.contrastive_scope = "global"
   clip = opt.get("grad_clip") or {}
   c.optimizer.update(name="adamw", weight_decay=float(hp["weight_decay"]), b1=float(hp["betas"][0]),

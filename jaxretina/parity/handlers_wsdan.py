@@ -276,7 +276,7 @@ def _wsdan_train_step(case: parity.Case, variant: str) -> dict:
   # Upstream builds a fresh SGD (no momentum buffer) and sets its lr from the epoch schedule: a fresh
   # optimizer state whose schedule counter is at the step (optax's sgd reads the lr at its own count).
   state = parity.start_state(case, task, variables, step=step,
-                             extra={"feature_centers": jnp.asarray(case.inputs["feature_center"], jnp.float32)})
+                             system_state={"feature_centers": jnp.asarray(case.inputs["feature_center"], jnp.float32)})
   draws = {}
   for fixture_name, name in _STEP_DRAWS.items():
     if fixture_name in case.inputs:
@@ -290,7 +290,7 @@ def _wsdan_train_step(case: parity.Case, variant: str) -> dict:
   scalar = lambda name, value: np.reshape(np.asarray(value), case.outputs[name].shape)  # noqa: E731
   terms = {name.removeprefix("loss/"): scalar(name, metrics[_STEP_TERMS[name.removeprefix("loss/")]])
            for name in case.outputs if name.startswith("loss/") and name.removeprefix("loss/") in _STEP_TERMS}
-  centers = new_state.extra["feature_centers"]
+  centers = new_state.system_state["feature_centers"]
   return parity.train_step_outputs(case, placement, grads=grads, params=new_state.params,
                                    batch_stats=new_state.batch_stats, loss=scalar("loss", metrics["loss"]),
                                    terms=terms, extra={"state_after/feature_center": centers})

@@ -7,8 +7,8 @@ Each lives in ``jaxretina/systems/<config.model.name>.py`` with a ``build(config
 fields)`` function (docs/architecture.md).
 
 Required: ``fields`` (input names, in model order), ``module`` (the Flax model),
-``init(rng, inputs) -> (variables, extra)``, ``loss(variables, extra, inputs, labels, rng, epoch)
--> (loss, (metrics, batch_stats, extra))``, ``predict(variables, inputs) -> {'logits', ['attention']}``.
+``init(rng, inputs) -> (variables, system_state)``, ``loss(variables, system_state, inputs, labels, rng, epoch)
+-> (loss, (metrics, batch_stats, system_state))``, ``predict(variables, inputs) -> {'logits', ['attention']}``.
 Optional capabilities, present only where the system has them: ``cam_features(variables, inputs)
 -> (B, h, w, C)`` (attention-map IoU) and ``eval_loss`` (a validation loss for early stopping).
 The hooks below have neutral defaults.
@@ -60,11 +60,11 @@ class ClassificationSystem:
     raise ValueError(f"config.data.sampling.class_weights={rule!r}: expected None, a list of {num_classes} "
                      "weights, 'inverse_frequency' or a rule of the model's system")
 
-  def restore_extra(self, checkpoint_extras: Mapping[str, Any], extra: Mapping[str, Any],
+  def restore_system_state(self, checkpoint_extras: Mapping[str, Any], system_state: Mapping[str, Any],
                     source: str) -> Mapping[str, Any]:
     """Non-parameter state taken from a converted upstream checkpoint (``config.init.checkpoint``)."""
     del checkpoint_extras, source
-    return extra
+    return system_state
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -81,7 +81,7 @@ class BiRAClassifier(base.ClassificationSystem):
     # KeNet returns log-probabilities already; log_softmax is idempotent on them.
     return jax.nn.log_softmax(outputs.astype(jnp.float32), axis=-1)
 
-  def loss(self, variables, extra, inputs, labels, rng, epoch):
+  def loss(self, variables, system_state, inputs, labels, rng, epoch):
     del epoch
     outputs, mutated = self.module.apply(variables, inputs[self.field], train=True, mutable=["batch_stats"],
                                          rngs={"dropout": rng})
@@ -90,7 +90,7 @@ class BiRAClassifier(base.ClassificationSystem):
       total = bira.interclass_loss(log_probs, labels, detach_loss=self.detach_loss)
     else:
       total = base.cross_entropy(log_probs, labels)
-    return total, ({"accuracy": base.accuracy(log_probs, labels)}, mutated["batch_stats"], extra)
+    return total, ({"accuracy": base.accuracy(log_probs, labels)}, mutated["batch_stats"], system_state)
 
   def predict(self, variables, inputs):
     outputs, inter = self.module.apply(variables, inputs[self.field], train=False, mutable=["intermediates"])

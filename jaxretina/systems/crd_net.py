@@ -62,7 +62,7 @@ class CRDNetClassifier(base.ClassificationSystem):
   def init(self, rng, inputs):
     return self.module.init({"params": rng}, *self._images(inputs), train=False), {}
 
-  def loss(self, variables, extra, inputs, labels, rng, epoch):
+  def loss(self, variables, system_state, inputs, labels, rng, epoch):
     del rng, epoch
     outputs, mutated = self.module.apply(variables, *self._images(inputs), train=True, mutable=["batch_stats"])
     total = crdnet.crdnet_loss(outputs, labels, self.head_weights)
@@ -71,7 +71,7 @@ class CRDNetClassifier(base.ClassificationSystem):
     metrics = {"accuracy": base.accuracy(out, labels), f"accuracy_{self.fields[0]}": base.accuracy(out_x, labels),
                f"accuracy_{self.fields[1]}": base.accuracy(out_y, labels), "loss_fused": ce_out,
                f"loss_{self.fields[0]}": ce_x, f"loss_{self.fields[1]}": ce_y}
-    return total, (metrics, mutated["batch_stats"], extra)
+    return total, (metrics, mutated["batch_stats"], system_state)
 
   def predict(self, variables, inputs):
     out, out_x, out_y = self.module.apply(variables, *self._images(inputs), train=False)

@@ -137,7 +137,7 @@ class FCNCLIPClassifier(base.ClassificationSystem):
       return variables
     return fcn_clip.encoder_variables_from_flair(variables, self.flair_variables)
 
-  def loss(self, variables, extra, inputs, labels, rng, epoch):
+  def loss(self, variables, system_state, inputs, labels, rng, epoch):
     del epoch
     (logits, z), mutated = self.module.apply(variables, inputs[self.field], train=True, mutable=["batch_stats"],
                                              rngs={"dropout": rng})
@@ -154,7 +154,7 @@ class FCNCLIPClassifier(base.ClassificationSystem):
           temperature=float(self.loss_cfg.temperature))
       total = total + (1.0 - weight) * contrast
       metrics["loss_contrastive"] = contrast
-    return total, (metrics, mutated["batch_stats"], extra)
+    return total, (metrics, mutated["batch_stats"], system_state)
 
   def predict(self, variables, inputs):
     (logits, z), inter = self.module.apply(variables, inputs[self.field], train=False, mutable=["intermediates"])

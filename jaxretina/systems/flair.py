@@ -23,7 +23,7 @@ from jaxretina.text.tokenizer import Tokenizer
 
 def model_config() -> ml_collections.ConfigDict:
   """``config.model``: the ``flair.TwoTower`` module's arguments besides the text tower (``config.text``)
-  and the knowledge attention (on with ``config.kd.enabled``); see ``models/flair.py``."""
+  and the knowledge attention (on with ``config.knowledge.enabled``); see ``models/flair.py``."""
   return ml_collections.ConfigDict(dict(
       vision=base.resnet_fields(),  # the image tower (ResNet-50)
       proj_dim=512,  # the shared embedding width
@@ -76,4 +76,4 @@ def build_model(config: ml_collections.ConfigDict, text_config: bert_lib.BertCon
   fields = model_fields(config.model)
   fields["vision"] = base.resnet_backbone(config.model.vision, dtype, config.remat)
   return flair.TwoTower(text=dataclasses.replace(text_config, remat=config.remat),
-                        knowledge_attention=config.kd.enabled, **fields, dtype=dtype)
+                        knowledge_attention=config.knowledge.enabled, **fields, dtype=dtype)

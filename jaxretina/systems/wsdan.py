@@ -83,15 +83,15 @@ class WSDANClassifier(base.ClassificationSystem):
 
   torch_rename = staticmethod(wsdan.torch_key_rename)  # upstream keys → the converter's naming rule
 
-  def restore_extra(self, checkpoint_extras, extra, source: str):
+  def restore_system_state(self, checkpoint_extras, system_state, source: str):
     """An upstream CAL/DualAttendMed checkpoint's ``feature_center`` becomes the feature centers."""
     if "feature_center" not in checkpoint_extras:
-      return extra
+      return system_state
     centers = checkpoint_extras["feature_center"]
-    if centers.shape != tuple(extra["feature_centers"].shape):
+    if centers.shape != tuple(system_state["feature_centers"].shape):
       raise ValueError(f"{source}: feature_center has shape {centers.shape}, this model's centers are "
-                       f"{tuple(extra['feature_centers'].shape)} (num_classes × M·C)")
-    return dict(extra, feature_centers=jax.device_put(centers, extra["feature_centers"].sharding))
+                       f"{tuple(system_state['feature_centers'].shape)} (num_classes × M·C)")
+    return dict(system_state, feature_centers=jax.device_put(centers, system_state["feature_centers"].sharding))
 
   def _theta(self, key: str):
     value = self.loss_cfg[key]
@@ -115,7 +115,7 @@ class WSDANClassifier(base.ClassificationSystem):
       raise ValueError(f"wsdan: unknown injected draws {unknown}; expected names among {sorted(self.INJECTABLE_DRAWS)}")
     return draws
 
-  def loss(self, variables, extra, inputs, labels, rng, epoch):
+  def loss(self, variables, system_state, inputs, labels, rng, epoch):
     params, stats = base.split_variables(variables)
     x = inputs[self.field]
     draws = self._injected_draws(inputs)
@@ -123,7 +123,7 @@ class WSDANClassifier(base.ClassificationSystem):
     out, mutated = self.module.apply(base.with_stats(params, stats), x, train=True, key=k_raw, mutable=["batch_stats"],
                                      fake_attention=draws.get("fake_attention_raw"),
                                      pick_indices=draws.get("pick_indices_raw"))
-    centers = extra["feature_centers"]
+    centers = system_state["feature_centers"]
     class_centers = l2_normalize(centers)[labels]  # upstream reads them before the update
     new_centers = wsdan.update_feature_centers(
         centers, out.feature_matrix, labels, beta=float(self.loss_cfg.center_beta),
@@ -163,7 +163,7 @@ class WSDANClassifier(base.ClassificationSystem):
     metrics.update({f"loss_{name}": value for name, value in terms.items()})
     metrics.update(accuracy=base.accuracy(out.logits, labels),
                    accuracy_aug=base.accuracy(aug.logits, jnp.concatenate([labels, labels])))
-    return total, (metrics, mutated["batch_stats"], dict(extra, feature_centers=new_centers))
+    return total, (metrics, mutated["batch_stats"], dict(system_state, feature_centers=new_centers))
 
   def predict(self, variables, inputs):
     """Upstream validation: (p_raw + p_crop) / 2 with the crop from the mean attention map."""

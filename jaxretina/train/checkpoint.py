@@ -27,6 +27,7 @@ directories left by a killed run are removed when a ``Checkpointer`` is created 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import json
@@ -53,6 +54,40 @@ CHECKSUMS_FILE = "checksums.json"
 # the same order, so a counter gives matching names.
 _BARRIER_IDS = itertools.count()
 
+
+
+# Train-state fields renamed after checkpoints were written with the old name: old -> current.
+RENAMED_STATE_FIELDS = {"extra": "system_state"}
+
+
+def _renamed_in(stored: Any, abstract_state: Any) -> dict[str, str]:
+  if not dataclasses.is_dataclass(abstract_state) or not hasattr(stored, "keys"):
+    return {}
+  return {old: new for old, new in RENAMED_STATE_FIELDS.items()
+          if old in stored.keys() and new not in stored.keys() and hasattr(abstract_state, new)}
+
+
+def _in_saved_layout(abstract_state: Any, stored: Any) -> Any:
+  """``abstract_state`` as the tree ``stored`` was saved as: a step written before a train-state
+  field was renamed (``RENAMED_STATE_FIELDS``) is read into a dict that still has the old name."""
+  renamed = _renamed_in(stored, abstract_state)
+  if not renamed:
+    return abstract_state
+  fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+  for old, new in renamed.items():
+    fields[old] = fields.pop(new)
+  return fields
+
+
+def _from_saved_layout(state: Any, abstract_state: Any) -> Any:
+  """The restored ``state`` as the current train-state class (undoes ``_in_saved_layout``)."""
+  if not isinstance(state, dict) or not dataclasses.is_dataclass(abstract_state):
+    return state
+  state = dict(state)
+  for old, new in RENAMED_STATE_FIELDS.items():
+    if old in state:
+      state[new] = state.pop(old)
+  return type(abstract_state)(**state)
 
 class CheckpointError(RuntimeError):
   """A checkpoint problem the user can act on; ``python -m jaxretina.main`` prints only its message."""
@@ -153,6 +188,18 @@ class Checkpointer:
 
   # -- restore ----------------------------------------------------------------------------------
 
+  def _stored_tree(self, step: int) -> Any:
+    """The saved state's tree metadata (paths and shapes; no array is read)."""
+    state_dir = self._root / str(step) / "state"
+    try:
+      meta = self.manager.item_metadata(step)
+      stored = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else meta.state
+    except Exception as e:  # noqa: BLE001 - whatever the reader raises, the step cannot be read
+      raise DamagedCheckpointError(step, f"cannot read the metadata in {state_dir}: {describe_error(e)}") from e
+    if stored is None:
+      raise DamagedCheckpointError(step, f"{state_dir / '_METADATA'} holds no tree")
+    return stored
+
   def check_compatible(self, step: int, abstract_state: Any) -> None:
     """Raises IncompatibleCheckpointError when the stored tree's leaves differ in path or shape.
 
@@ -162,14 +209,9 @@ class Checkpointer:
     state_dir = self._root / str(step) / "state"
     if not (state_dir / "_METADATA").exists():
       raise DamagedCheckpointError(step, f"{state_dir / '_METADATA'} is missing")
-    try:
-      meta = self.manager.item_metadata(step)
-      stored = meta["state"] if isinstance(meta, dict) or hasattr(meta, "__getitem__") else meta.state
-    except Exception as e:  # noqa: BLE001 - whatever the reader raises, the step cannot be read
-      raise DamagedCheckpointError(step, f"cannot read the metadata in {state_dir}: {describe_error(e)}") from e
-    if stored is None:
-      raise DamagedCheckpointError(step, f"{state_dir / '_METADATA'} holds no tree")
-    problems = shape_mismatches(abstract_state, stored, model="this model", builder="this config builds")
+    stored = self._stored_tree(step)
+    problems = shape_mismatches(_in_saved_layout(abstract_state, stored), stored, model="this model",
+                                builder="this config builds")
     if problems:
       raise IncompatibleCheckpointError(
           f"the workdir's checkpoint {self.directory}/{step} does not match this configuration "
@@ -194,11 +236,13 @@ class Checkpointer:
     state_dir = self._root / str(step) / "state"
     # One item at a time, so that a failure names the item it came from.
     try:
-      state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      target = _in_saved_layout(abstract_state, self._stored_tree(step))
+      state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:  # noqa: BLE001 - every reader error means the arrays cannot be read back
       raise DamagedCheckpointError(step, f"reading the arrays in {state_dir} failed: {describe_error(e)}") from e
     state = state["state"]
-    self._verify_checksums(step, state)
+    self._verify_checksums(step, state)  # under the names it was saved with, as its checksums are
+    state = _from_saved_layout(state, abstract_state)
     if data is not None:  # last: Grain starts prefetching from the restored position
       try:
         self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data)))

@@ -437,10 +437,10 @@ class ClassificationTask(TaskBase):
 
   def init_state(self, rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    variables, extra = self._init_variables(init_rng)
+    variables, system_state = self._init_variables(init_rng)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=self.tx.init(params), rng=state_rng, extra=extra)
+                      opt_state=self.tx.init(params), rng=state_rng, system_state=system_state)
 
   def load_pretrained(self, state: TrainState) -> TrainState:
     """Fresh start only: ``config.init.checkpoint`` (an upstream PyTorch checkpoint of this model,
@@ -448,11 +448,11 @@ class ClassificationTask(TaskBase):
     pretrained pieces (FCN-CLIP's FLAIR encoder)."""
     init = self.config.init
     variables = jax.device_get(state.variables())
-    extra = state.extra
+    system_state = state.system_state
     changed = False
     if init.checkpoint:
       variables, extras = self._convert_checkpoint(init.checkpoint)
-      extra = self.classifier.restore_extra(extras, extra, init.checkpoint)
+      system_state = self.classifier.restore_system_state(extras, system_state, init.checkpoint)
       changed = True
     if init.backbone:
       variables = self._load_backbones(variables, init.backbone)
@@ -465,7 +465,7 @@ class ClassificationTask(TaskBase):
     shard = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
     params = jax.tree.map(shard, variables["params"], state.params)
     batch_stats = jax.tree.map(shard, variables.get("batch_stats", {}), state.batch_stats)
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params), extra=extra)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params), system_state=system_state)
 
   def _load_backbones(self, variables: dict, path: str) -> dict:
     """torchvision ResNet weights (``config.init.backbone``) into every RGB backbone of the model.
@@ -499,13 +499,13 @@ class ClassificationTask(TaskBase):
     gradients before clipping)``. ``inputs`` may carry the classifier's injected random draws."""
     epoch = state.step // self.steps_per_epoch
 
-    def loss_fn(params, batch_stats, extra, chunk_inputs, chunk_labels, rng):
+    def loss_fn(params, batch_stats, system_state, chunk_inputs, chunk_labels, rng):
       variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-      return self.classifier.loss(variables, extra, chunk_inputs, chunk_labels, rng, epoch)
+      return self.classifier.loss(variables, system_state, chunk_inputs, chunk_labels, rng, epoch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if self.microbatches == 1:
-      (loss, (metrics, batch_stats, extra)), grads = grad_fn(state.params, state.batch_stats, state.extra, inputs,
+      (loss, (metrics, batch_stats, system_state)), grads = grad_fn(state.params, state.batch_stats, state.system_state, inputs,
                                                              labels, model_rng)
     else:
       # Gradient accumulation: the mean of the microbatches' mean losses is the batch's mean loss.
@@ -516,19 +516,19 @@ class ClassificationTask(TaskBase):
       keys = jax.random.split(model_rng, self.microbatches)
 
       def accumulate(carry, xs):
-        batch_stats, extra, grads = carry
+        batch_stats, system_state, grads = carry
         (chunk_inputs, chunk_labels), key = xs
-        (chunk_loss, (chunk_metrics, batch_stats, extra)), chunk_grads = grad_fn(
-            state.params, batch_stats, extra, chunk_inputs, chunk_labels, key)
+        (chunk_loss, (chunk_metrics, batch_stats, system_state)), chunk_grads = grad_fn(
+            state.params, batch_stats, system_state, chunk_inputs, chunk_labels, key)
         grads = jax.tree.map(lambda g, c: g + c / self.microbatches, grads, chunk_grads)
-        return (batch_stats, extra, grads), (chunk_loss, chunk_metrics)
+        return (batch_stats, system_state, grads), (chunk_loss, chunk_metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (batch_stats, extra, grads), (losses, chunk_metrics) = jax.lax.scan(
-          accumulate, (state.batch_stats, state.extra, zeros), (chunks, keys))
+      (batch_stats, system_state, grads), (losses, chunk_metrics) = jax.lax.scan(
+          accumulate, (state.batch_stats, state.system_state, zeros), (chunks, keys))
       loss = jnp.mean(losses)
       metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), chunk_metrics)
-    new_state = optim.apply_gradients(state, grads, self.tx, batch_stats=batch_stats, extra=extra)
+    new_state = optim.apply_gradients(state, grads, self.tx, batch_stats=batch_stats, system_state=system_state)
     grad_norm = optax.global_norm(grads)
     lr = self.schedule(state.step) * plateau.lr_scale(state.opt_state)  # the rate this step applied
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr,

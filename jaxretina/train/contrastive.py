@@ -1,10 +1,10 @@
 """Contrastive image–text pretraining: FLAIR, and KeepFIT's knowledge-enhanced objective.
 
-One step (KeepFIT, ``train_epoch_with_KD_loss_Atte_s``; FLAIR is the same with ``config.kd`` off;
+One step (KeepFIT, ``train_epoch_with_KD_loss_Atte_s``; FLAIR is the same with ``config.knowledge`` off;
 the fields and their defaults: ``configlib.contrastive_config`` and ``systems/flair.py``):
 
   I  = f_img(aug(images))     T  = f_txt(prompt tokens)        L_main = softCLIP(T·Iᵀ·e^s, co-occurrence)
-  I_k = f_img(kd images)      T_k = f_txt(kd caption tokens)   L_kd   = softCLIP(T_k·I_kᵀ·e^s, targets_kd)
+  I_k = f_img(knowledge images) T_k = f_txt(knowledge captions)   L_kd   = softCLIP(T_k·I_kᵀ·e^s, targets_kd)
   R = MHA(query=I, key=I_k, value=T_k)                         L = L_main + L_kd + w·MSE(T, R)
 
 with the logit scale clamped in place to [0, ln 100] before the forward (the gradient, weight decay
@@ -144,7 +144,7 @@ class ContrastiveTask(TaskBase):
     b, s, length = self.global_batch_size, int(self.config.data.image_size), int(self.config.text.max_length)
     fields = {"image": ((b, s, s, 3), jnp.uint8), "input_ids": ((b, length), jnp.int32),
               "attention_mask": ((b, length), jnp.int32), "category_id": ((b,), jnp.int32)}
-    if self.config.kd.enabled:
+    if self.config.knowledge.enabled:
       fields.update({f"kd/{k}": v for k, v in list(fields.items())})
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in fields.items()}
 
@@ -200,11 +200,11 @@ class ContrastiveTask(TaskBase):
     streams = {"main": iter(pipeline.image_text_batches(
         self.train_source, caption_template=d.caption_template, augment_description=d.augment_description,
         use_caption=False, seed=c.seed, **common))}
-    if c.kd.enabled:
-      kd_source = pipeline.open_source(c.kd.name or d.name, c.kd.split, c.kd.data_dir or d.data_dir,
-                                       dict(c.kd.builder_kwargs or d.builder_kwargs or {}))
+    if c.knowledge.enabled:
+      kd_source = pipeline.open_source(c.knowledge.name or d.name, c.knowledge.split, c.knowledge.data_dir or d.data_dir,
+                                       dict(c.knowledge.builder_kwargs or d.builder_kwargs or {}))
       streams["kd"] = iter(pipeline.knowledge_batches(
-          kd_source, use_caption=c.kd.use_caption, caption_template=d.caption_template,
+          kd_source, use_caption=c.knowledge.use_caption, caption_template=d.caption_template,
           augment_description=d.augment_description, seed=c.seed + 1, **common))
     return streams
 
@@ -222,10 +222,10 @@ class ContrastiveTask(TaskBase):
       images = flair_augment(key, images)
     inputs = {"images": images, "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "category_id": batch["category_id"]}
-    if c.kd.enabled:
+    if c.knowledge.enabled:
       inputs.update(kd_images=batch["kd/image"].astype(jnp.float32) / 255.0, kd_input_ids=batch["kd/input_ids"],
                     kd_attention_mask=batch["kd/attention_mask"])
-      if c.kd.targets != "identity":
+      if c.knowledge.targets != "identity":
         inputs["kd_category_id"] = batch["kd/category_id"]
     return inputs
 
@@ -261,17 +261,17 @@ class ContrastiveTask(TaskBase):
     """Both towers in train mode → ``(embeddings, new batch_stats)``: ``img``, ``txt`` (and
     ``kd_img``, ``kd_txt`` with the knowledge stream). ``pool_lengths``: ``{'': (B,), 'kd_': (B_k,)}``
     text pooling lengths per row (default: each stream's ``_pool_lengths``)."""
-    kd = self.config.kd.enabled
+    with_knowledge = self.config.knowledge.enabled
     if pool_lengths is None:
       pool_lengths = {"": self._pool_lengths(inputs["attention_mask"])}
-      if kd:
+      if with_knowledge:
         pool_lengths["kd_"] = self._pool_lengths(inputs["kd_attention_mask"])
 
     def forward(m):
       out = {"img": m.encode_image(inputs["images"], train=True),
              "txt": m.encode_text(inputs["input_ids"], inputs["attention_mask"], train=True,
                                   pool_lengths=pool_lengths[""])}
-      if kd:
+      if with_knowledge:
         out["kd_img"] = m.encode_image(inputs["kd_images"], train=True)
         out["kd_txt"] = m.encode_text(inputs["kd_input_ids"], inputs["kd_attention_mask"], train=True,
                                       pool_lengths=pool_lengths["kd_"])
@@ -288,13 +288,13 @@ class ContrastiveTask(TaskBase):
     loss_main = self._clip_loss(params["logit_scale"], emb["img"], emb["txt"], inputs, "")
     metrics = {"loss_main": loss_main}
     loss = loss_main
-    if c.kd.enabled:
+    if c.knowledge.enabled:
       revised = self.model.apply({"params": params}, emb["img"], emb["kd_img"], emb["kd_txt"], train=True,
                                  groups=self.groups, method=flair.TwoTower.revise,
                                  rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})
       loss_kd = self._clip_loss(params["logit_scale"], emb["kd_img"], emb["kd_txt"], inputs, "kd_")
       loss_revision = jnp.mean(jnp.square(emb["txt"].astype(jnp.float32) - revised.astype(jnp.float32)))
-      loss = loss + loss_kd + c.kd.weight * loss_revision
+      loss = loss + loss_kd + c.knowledge.weight * loss_revision
       metrics.update(loss_kd=loss_kd, loss_revision=loss_revision)
     metrics["loss"] = loss
     return loss, metrics
@@ -323,7 +323,7 @@ class ContrastiveTask(TaskBase):
     data-parallel ranks without SyncBN would), so the gradient equals the full-batch one exactly
     for every layer but BatchNorm's batch statistics.
     """
-    kd = self.config.kd.enabled
+    with_knowledge = self.config.knowledge.enabled
     shards = distributed.num_data_shards(self.mesh)
     k = self.microbatches
 
@@ -335,7 +335,7 @@ class ContrastiveTask(TaskBase):
 
     tower_inputs = {name: inputs[name] for name in ("images", "input_ids", "attention_mask")}
     tower_inputs["pool"] = full_lengths(inputs["attention_mask"])
-    if kd:
+    if with_knowledge:
       tower_inputs.update({name: inputs[name] for name in ("kd_images", "kd_input_ids", "kd_attention_mask")})
       tower_inputs["kd_pool"] = full_lengths(inputs["kd_attention_mask"])
     chunks = microbatch.split(tower_inputs, k, shards)

@@ -56,7 +56,7 @@ def state_shardings(mesh, abstract_state: TrainState) -> TrainState:
       batch_stats=jax.tree.map(lambda _: rep, abstract_state.batch_stats),
       opt_state=distributed.param_shardings(mesh, abstract_state.opt_state),
       rng=rep,
-      extra=jax.tree.map(lambda _: rep, abstract_state.extra),
+      system_state=jax.tree.map(lambda _: rep, abstract_state.system_state),
   )
 
 
@@ -261,7 +261,7 @@ CONFIG_FILE = "config.json"
 # ReduceLROnPlateau and early stopping) — changes training.
 CHANGEABLE_ON_RESUME = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "profile_steps",
-    "total_steps", "epochs", "data.data_dir", "kd.data_dir", "evals", "mesh", "remat", "distributed",
+    "total_steps", "epochs", "data.data_dir", "knowledge.data_dir", "evals", "mesh", "remat", "distributed",
 )
 
 

@@ -107,15 +107,15 @@ def _make_optimizer(cfg: Any, schedule: Callable[[Any], Any]) -> optax.GradientT
 
 
 def apply_gradients(state: Any, grads: Any, tx: optax.GradientTransformation, *, params: Any = None,
-                    batch_stats: Any = None, extra: Any = None) -> Any:
+                    batch_stats: Any = None, system_state: Any = None) -> Any:
   """One optimizer update of a ``TrainState``: clipping, weight decay and the step, as ``tx`` says.
 
   ``params``: the parameters the gradient was taken at when the step changed them first (the
   contrastive step's in-place logit-scale clamp); default ``state.params``. ``batch_stats`` and
-  ``extra``: the forward's updated non-gradient state (default: unchanged).
+  ``system_state``: the forward's updated non-gradient state (default: unchanged).
   """
   params = state.params if params is None else params
   updates, opt_state = tx.update(grads, state.opt_state, params)
   return state.replace(step=state.step + 1, params=optax.apply_updates(params, updates), opt_state=opt_state,
                        batch_stats=state.batch_stats if batch_stats is None else batch_stats,
-                       extra=state.extra if extra is None else extra)
+                       system_state=state.system_state if system_state is None else system_state)

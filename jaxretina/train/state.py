@@ -22,7 +22,7 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data: checkpointable as a plain array
   # Non-gradient model state besides BatchNorm statistics, updated by the step (e.g. WS-DAN's
   # feature centers); replicated.
-  extra: Any = flax.struct.field(default_factory=dict)
+  system_state: Any = flax.struct.field(default_factory=dict)
 
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats} if self.batch_stats else {"params": self.params}
