@@ -16,9 +16,10 @@ model, resolution and batch on generated data: nothing is downloaded.
 
 ``--against_torch`` builds the equivalent PyTorch step (``jaxretina.bench_torch``: same towers, loss
 structure and optimiser, fed the same batch; contrastive configs, DualAttendMed and CRD-Net) and
-times it interleaved with ours, step for step, each framework in a process of its own (one process
-would make each pay for the other's freed memory: ``bench_torch.ReferenceProcess``); it prints both
-medians and ``speed_jaxretina_over_torch`` (> 1: ours is faster).
+times it alternating with ours, each framework in a process of its own
+(``bench_torch.ReferenceProcess``), in blocks of one untimed and two timed steps: the first step
+after the other framework ran is slower for either; it prints both medians and
+``speed_jaxretina_over_torch`` (> 1: ours is faster).
 
 ``--profile_top N`` traces three more steps with ``jax.profiler`` and prints the time per op
 category and the N slowest ops (on CPU, seconds summed over the threads that ran them);
