@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxretina.models import convert, resnet
+from jaxretina.models import convert, layers, resnet
 
 
 def _init(model, shape, seed=0):
@@ -194,11 +194,20 @@ def test_bfloat16_compute():
   assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
+def _train_loss(model):
+  """(params -> a training-mode loss of ``model`` on a fixed batch, its variables)."""
+  variables, images = _init(model, (2, 32, 32, 3))
+
+  def loss(params):
+    out, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+
+  return loss, variables
+
+
 def test_materialize_is_the_identity_and_keeps_the_residual_stream_in_its_own_buffer():
   """layers.materialize: same values and gradients as the identity (NaN included), and on XLA:CPU a
   conditional per block boundary and per inner activation, which fusion cannot cross."""
-  from jaxretina.models import layers
-
   x = jnp.array([[1.0, -2.0], [jnp.nan, 4.0]])
   np.testing.assert_array_equal(np.asarray(jax.jit(layers.materialize)(x)), np.asarray(x))
   nan_first = jnp.array([jnp.nan, 3.0])
@@ -207,11 +216,7 @@ def test_materialize_is_the_identity_and_keeps_the_residual_stream_in_its_own_bu
   np.testing.assert_allclose(np.asarray(grad), 3.0 * np.cos([0.5, 1.5]), rtol=1e-6)
 
   model = resnet.ResNet(block="bottleneck", layers=(2, 1, 1, 1), base_width=8, num_classes=3)
-  variables, images = _init(model, (2, 32, 32, 3))
-
-  def loss(params):
-    out, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
-    return jnp.sum(out ** 2)
+  loss, variables = _train_loss(model)
 
   hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
   blocks, inner_per_block = 5, 2
@@ -223,8 +228,6 @@ def test_materialize_is_the_identity_and_keeps_the_residual_stream_in_its_own_bu
 def test_pointwise_conv_gradients_as_matmuls_match_the_convolution(stride):
   """layers.pointwise_conv_matmul_grads: the forward is the convolution bit for bit; both gradients
   are the convolution's up to float32 rounding (another order of the same sums), bf16 included."""
-  from jaxretina.models import layers
-
   rng = np.random.default_rng(stride)
   x = jnp.asarray(rng.normal(size=(2, 7, 7, 12)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(1, 1, 12, 5)) / np.sqrt(12), jnp.float32)
@@ -250,14 +253,8 @@ def test_pointwise_conv_gradients_as_matmuls_match_the_convolution(stride):
 def test_resnet_convolutions_on_cpu_take_the_matmul_gradients():
   """On CPU every unit-dilation 1×1 convolution of a ResNet goes through pointwise_conv_matmul_grads,
   whose gradients agree with the plain convolution's."""
-  from jaxretina.models import layers
-
   model = resnet.ResNet(block="bottleneck", layers=(1, 1, 1, 1), base_width=8, num_classes=3)
-  variables, images = _init(model, (2, 32, 32, 3))
-
-  def loss(params):
-    out, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
-    return jnp.sum(out ** 2)
+  loss, variables = _train_loss(model)
 
   hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
   one_by_one = 4 * 2 + 4  # conv1 + conv3 per block, plus each stage's downsample

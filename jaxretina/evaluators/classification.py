@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jaxretina import fileio
 from jaxretina.data import pipeline
 from jaxretina.evaluators import cam
+from jaxretina.evaluators import entry_fields
 from jaxretina.evaluators import metrics as metrics_lib
 from jaxretina.evaluators import plots
 from jaxretina.train import distributed
@@ -47,11 +48,7 @@ def _gather(x) -> np.ndarray:
 def entry_config(entry: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A ``config.evals`` entry of type 'classification' over its declared fields and defaults."""
   c = ml_collections.ConfigDict(dict(
-      type="classification",
-      split="test",
-      # The dataset read ('' / None: the training data's, config.data).
-      name="", data_dir="", builder_kwargs=None,
-      batch_size=0,  # 0: the training batch
+      **entry_fields.split_entry_fields("classification"),
       heatmaps=8,  # attention heatmaps written per evaluation (models with attention maps)
       name_in_workdir="",  # the reports' folder under <workdir>/eval/ ('' = 'classification')
       cam_iou=False,  # attention-map IoU against class-activation maps (models with cam_features)

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from jaxretina.data import pipeline
+from jaxretina.evaluators import entry_fields
 from jaxretina.models import flair
 from jaxretina.text import prompts
 from jaxretina.train import distributed
@@ -50,11 +51,7 @@ class TwoTowerRun(NamedTuple):
 def entry_config(entry: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A ``config.evals`` entry of type 'zero_shot' over its declared fields and defaults."""
   c = ml_collections.ConfigDict(dict(
-      type="zero_shot",
-      split="test",
-      # The dataset read ('' / None: the training data's, config.data).
-      name="", data_dir="", builder_kwargs=None,
-      batch_size=0,  # 0: the training batch
+      **entry_fields.split_entry_fields("zero_shot"),
       classes=[],  # the class names scored, in label order
       # The class prompts: the template's [CLS] slot filled with each class's domain-knowledge
       # descriptions (or its name), written as FLAIR's or KeepFIT's prompts ('flair' | 'keepfit').
