@@ -101,13 +101,13 @@ def _images(torch, batch: Mapping[str, np.ndarray], key: str):
 
 
 def _optimizer(torch, config, params):
-  opt = dict(config.optimizer)
+  opt = config.optimizer
   lr = float(config.schedule.lr)
-  if opt["name"] == "sgd":
-    return torch.optim.SGD(params, lr=lr, momentum=float(opt.get("momentum", 0.9)),
-                           weight_decay=float(opt.get("weight_decay", 0.0)))
-  return torch.optim.AdamW(params, lr=lr, weight_decay=float(opt.get("weight_decay", 0.0)),
-                           betas=(float(opt.get("b1", 0.9)), float(opt.get("b2", 0.999))), eps=float(opt.get("eps", 1e-8)))
+  if opt.name == "sgd":
+    return torch.optim.SGD(params, lr=lr, momentum=float(opt.momentum),
+                           weight_decay=float(opt.weight_decay))
+  return torch.optim.AdamW(params, lr=lr, weight_decay=float(opt.weight_decay),
+                           betas=(float(opt.b1), float(opt.b2)), eps=float(opt.eps))
 
 
 def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], float], int]:
@@ -115,8 +115,8 @@ def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], f
 
   nn, F = torch.nn, torch.nn.functional
   m = config.model
-  vision = _resnet(torch, m.vision.block, m.vision.layers, m.vision.get("base_width", 64),
-                   m.vision.get("width_per_group", 64))
+  vision = _resnet(torch, m.vision.block, m.vision.layers, m.vision.base_width,
+                   m.vision.width_per_group)
   bert_cfg = transformers.BertConfig(
       vocab_size=text_config.vocab_size, hidden_size=text_config.hidden_size,
       num_hidden_layers=text_config.num_hidden_layers, num_attention_heads=text_config.num_attention_heads,
@@ -125,16 +125,16 @@ def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], f
       attention_probs_dropout_prob=text_config.attention_probs_dropout_prob)
   text = transformers.BertModel(bert_cfg, add_pooling_layer=False)
   text.config._attn_implementation = "eager"  # FLAIR/KeepFIT ran the eager attention of their transformers
-  vision_proj = nn.Linear(vision.out_channels, m.proj_dim, bias=m.get("proj_bias", False))
-  text_proj = nn.Linear(text_config.hidden_size, m.proj_dim, bias=m.get("proj_bias", False))
+  vision_proj = nn.Linear(vision.out_channels, m.proj_dim, bias=m.proj_bias)
+  text_proj = nn.Linear(text_config.hidden_size, m.proj_dim, bias=m.proj_bias)
   with_knowledge = bool(config.knowledge.enabled)
-  attention = nn.MultiheadAttention(m.proj_dim, m.get("attention_heads", 2), dropout=m.get("attention_dropout", 0.5),
+  attention = nn.MultiheadAttention(m.proj_dim, m.attention_heads, dropout=m.attention_dropout,
                                     batch_first=False) if with_knowledge else None
-  logit_scale = nn.Parameter(torch.tensor(np.log(1 / m.get("logit_scale_init", 0.07)), dtype=torch.float32))
+  logit_scale = nn.Parameter(torch.tensor(np.log(1 / m.logit_scale_init), dtype=torch.float32))
   modules = nn.ModuleList([vision, text, vision_proj, text_proj] + ([attention] if with_knowledge else []))
   params = list(modules.parameters()) + [logit_scale]
   opt = _optimizer(torch, config, params)
-  clip = float(config.optimizer.get("grad_clip", 0.0))
+  clip = float(config.optimizer.grad_clip)
   streams = [("image", "input_ids", "attention_mask")] + ([("kd/image", "kd/input_ids", "kd/attention_mask")] if with_knowledge else [])
   tensors = [(_images(torch, batch, i), torch.from_numpy(np.asarray(batch[t], np.int64)),
               torch.from_numpy(np.asarray(batch[a], np.int64))) for i, t, a in streams]
@@ -174,8 +174,8 @@ def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], f
 def _wsdan_step(torch, config, batch) -> tuple[Callable[[], float], int]:
   nn, F = torch.nn, torch.nn.functional
   m = config.model
-  num_classes, attentions = int(config.data.num_classes), int(m.get("num_attentions", 32))
-  backbone = _resnet(torch, "bottleneck", m.backbone_layers, int(m.get("backbone_base_width", 64)), last_stride=1)
+  num_classes, attentions = int(config.data.num_classes), int(m.num_attentions)
+  backbone = _resnet(torch, "bottleneck", m.backbone_layers, int(m.backbone_base_width), last_stride=1)
   channels = backbone.out_channels
   reduction = channels // 16
   channel_mlp = nn.Sequential(nn.Conv2d(channels, reduction, 1, bias=False), nn.ReLU(),
@@ -185,7 +185,7 @@ def _wsdan_step(torch, config, batch) -> tuple[Callable[[], float], int]:
   modules = nn.ModuleList([backbone, channel_mlp, attention_conv, fc])
   params = list(modules.parameters())
   opt = _optimizer(torch, config, params)
-  crop = int(config.data.get("crop_size") or config.data.image_size)
+  crop = int(config.data.crop_size or config.data.image_size)
   images = _images(torch, batch, "image")[:, :, :crop, :crop].contiguous()
   labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
 
@@ -239,11 +239,11 @@ def _crdnet_step(torch, config, batch, fields) -> tuple[Callable[[], float], int
   nn, F = torch.nn, torch.nn.functional
   m = config.model
   names, channels = list(fields), list(fields.values())
-  towers = [_resnet(torch, m.get("backbone_block", "basic"), m.get("backbone_layers", (2, 2, 2, 2)),
-                    int(m.get("backbone_base_width", 64)), in_channels=ch,
-                    use_maxpool=not m.get("skip_stem_maxpool", False)) for ch in channels]
+  towers = [_resnet(torch, m.backbone_block, m.backbone_layers,
+                    int(m.backbone_base_width), in_channels=ch,
+                    use_maxpool=not m.skip_stem_maxpool) for ch in channels]
   c = towers[0].out_channels
-  dim, heads = int(m.get("cross_dim") or 0) or 2 * c, int(m.get("num_heads", 4))
+  dim, heads = int(m.cross_dim) or 2 * c, int(m.num_heads)
   num_classes = int(config.data.num_classes)
 
   def conv_bn(cin, cout, k=1, groups=1):

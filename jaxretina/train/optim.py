@@ -55,18 +55,18 @@ SCHEDULES = ("flair_warmup_cosine", "warmup_cosine", "constant", "epoch_step_dec
 
 def make_schedule(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[[Any], Any]:
   """``cfg`` is ``config.schedule``; ``name`` one of ``SCHEDULES``."""
-  name = cfg.get("name", "flair_warmup_cosine")
+  name = cfg.name
   lr = float(cfg.lr)
   if name == "epoch_step_decay":
     return epoch_step_decay(lr, steps_per_epoch, float(cfg.gamma), float(cfg.every_epochs),
-                            bool(cfg.get("continuous", False)))
+                            bool(cfg.continuous))
   if name == "flair_warmup_cosine":
-    return flair_warmup_cosine(lr, steps_per_epoch, cfg.get("warmup_epochs", 1.0), cfg.get("max_epochs", 100.0),
-                               cfg.get("eta_min", 0.0))
+    return flair_warmup_cosine(lr, steps_per_epoch, cfg.warmup_epochs, cfg.max_epochs,
+                               cfg.eta_min)
   if name == "warmup_cosine":
-    warm = int(cfg.get("warmup_steps", 0))
+    warm = int(cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 1), max(total_steps, warm + 1),
-                                              cfg.get("eta_min", 0.0))
+                                              cfg.eta_min)
   if name == "constant":
     return optax.constant_schedule(lr)
   raise ValueError(f"config.schedule.name={name!r}: expected one of {SCHEDULES}")
@@ -90,17 +90,17 @@ def make_optimizer(cfg: Any, schedule: Callable[[Any], Any], trainable: Any = No
 
 
 def _make_optimizer(cfg: Any, schedule: Callable[[Any], Any]) -> optax.GradientTransformation:
-  name = cfg.get("name", "adamw")
+  name = cfg.name
   parts = []
-  if cfg.get("grad_clip"):
+  if cfg.grad_clip:
     parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
   if name == "adamw":
-    parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
-                             weight_decay=float(cfg.get("weight_decay", 0.0))))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=float(cfg.weight_decay)))
   elif name == "sgd":
-    if cfg.get("weight_decay"):
+    if cfg.weight_decay:
       parts.append(optax.add_decayed_weights(float(cfg.weight_decay)))
-    parts.append(optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)))
+    parts.append(optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
   else:
     raise ValueError(f"config.optimizer.name={name!r}: expected adamw or sgd")
   return optax.chain(*parts)
