@@ -380,12 +380,6 @@ class ReferenceProcess:
       self._process.wait(timeout=60)
     os.unlink(self._inputs_path)
 
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
 
 class _TaskAttributes:
   def __init__(self, text_config, fields):
