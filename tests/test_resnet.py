@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
 
 from jaxretina.models import convert, layers, resnet
@@ -271,3 +272,33 @@ def test_resnet_convolutions_on_cpu_take_the_matmul_gradients():
     # BatchNorm's mean subtraction leaves some entries as cancellations near 0: tolerance per leaf.
     scale = float(np.abs(np.asarray(want)).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 2, 1, 11), (3, 2, 1, 12), (2, 2, 0, 8), (3, 1, 1, 6),
+                                                          (5, 3, 2, 13)])
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kernel, stride, padding, size):
+  """layers.max_pool2d's own backward: the forward is nn.max_pool's; the gradient is XLA's
+  select-and-scatter one (torch's rule: the first maximum in row-major order) with many ties, as
+  after a ReLU, and an explicit check of that rule on a window of equal values."""
+  rng = np.random.default_rng(size)
+  x = jnp.asarray(np.maximum(rng.normal(size=(2, size, size, 3)), 0.0).round(1), jnp.float32)  # ties
+  x = x.at[0, :4].set(0.0)
+
+  def reference(v):
+    return flax_max_pool(v, kernel, stride, padding)
+
+  np.testing.assert_array_equal(np.asarray(layers.max_pool2d(x, kernel, stride, padding)), np.asarray(reference(x)))
+  weights = jnp.asarray(rng.normal(size=reference(x).shape), jnp.float32)
+  ours = jax.jit(jax.grad(lambda v: jnp.sum(layers.max_pool2d(v, kernel, stride, padding) * weights)))(x)
+  want = jax.jit(jax.grad(lambda v: jnp.sum(reference(v) * weights)))(x)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+  flat = jnp.zeros((1, kernel, kernel, 1), jnp.float32)  # one window (no padding), all equal
+  first = jax.grad(lambda v: jnp.sum(layers.max_pool2d(v, kernel, kernel, 0)))(flat)
+  expected = np.zeros((1, kernel, kernel, 1), np.float32)
+  expected[0, 0, 0, 0] = 1.0
+  np.testing.assert_array_equal(np.asarray(first), expected)
+
+
+def flax_max_pool(v, kernel, stride, padding):
+  return nn.max_pool(v, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))

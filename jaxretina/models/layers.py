@@ -314,9 +314,58 @@ class Linear(nn.Module):
     return y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool2d(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
-  """``nn.MaxPool2d(kernel, stride, padding)`` (ceil_mode=False, -inf padding), NHWC."""
+  """``nn.MaxPool2d(kernel, stride, padding)`` (ceil_mode=False, -inf padding), NHWC.
+
+  The gradient goes, as in torch, to the first maximum of each window in row-major order (after a
+  ReLU, all-zero windows are common, so the tie rule matters). The backward finds each window's
+  winning tap and adds one masked, strided-placed copy of the output gradient per tap, instead of
+  XLA's select-and-scatter, which XLA:CPU expands into iotas and a scatter over the padded input:
+  the ResNet stem's pool backward (batch 8, 112×112×64) takes 21 ms instead of 114 ms there. The
+  only difference is the order in which a position's shares from overlapping windows are summed.
+  """
+  return _max_pool_forward(x, kernel, stride, padding)
+
+
+def _max_pool_forward(x, kernel, stride, padding):
   return nn.max_pool(x, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def _max_pool_fwd(x, kernel, stride, padding):
+  return _max_pool_forward(x, kernel, stride, padding), x
+
+
+def _max_pool_bwd(kernel, stride, padding, x, dy):
+  b, h, w, c = x.shape
+  out_h, out_w = dy.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+  span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  taps = [(i, j) for i in range(kernel) for j in range(kernel)]
+  # The winning tap is found from x alone, not by comparing with the forward's output: XLA may
+  # recompute x's producer (BatchNorm, ReLU) inside each consumer with different rounding, and an
+  # equality test against the other copy would then miss the maximum.
+  best = winner = None
+  for t, (i, j) in enumerate(taps):
+    window = jax.lax.slice(padded, (0, i, j, 0), (b, i + span_h, j + span_w, c), (1, stride, stride, 1))
+    if best is None:
+      best, winner = window, jnp.zeros(window.shape, jnp.int32)
+    else:
+      better = window > best  # strictly: the first maximum keeps the window
+      best, winner = jnp.where(better, window, best), jnp.where(better, t, winner)
+  winner = materialize(winner)
+  zero = jnp.zeros((), dy.dtype)
+  dpadded = None
+  for t, (i, j) in enumerate(taps):
+    # Tap (i, j) of output (r, s) is padded input (i + stride·r, j + stride·s).
+    placed = jax.lax.pad(jnp.where(winner == t, dy, zero), zero, (
+        (0, 0, 0), (i, h + 2 * padding - i - span_h, stride - 1),
+        (j, w + 2 * padding - j - span_w, stride - 1), (0, 0, 0)))
+    dpadded = placed if dpadded is None else dpadded + placed
+  return (dpadded[:, padding:padding + h, padding:padding + w, :],)
+
+
+max_pool2d.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def avg_pool2d(x: jax.Array, kernel: int, stride: int | None = None, padding: int = 0) -> jax.Array:
