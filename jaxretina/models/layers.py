@@ -342,9 +342,9 @@ def _max_pool_bwd(kernel, stride, padding, x, dy):
   padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
   span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
   taps = [(i, j) for i in range(kernel) for j in range(kernel)]
-  # The winning tap is found from x alone, not by comparing with the forward's output: XLA may
-  # recompute x's producer (BatchNorm, ReLU) inside each consumer with different rounding, and an
-  # equality test against the other copy would then miss the maximum.
+  # The winning tap is found from x alone, not by comparing x with the forward's output: XLA fuses
+  # x's producer (BatchNorm, ReLU) into each consumer, the copies need not round alike, and an
+  # equality test across them misses maxima (three training-step parity cases failed that way).
   best = winner = None
   for t, (i, j) in enumerate(taps):
     window = jax.lax.slice(padded, (0, i, j, 0), (b, i + span_h, j + span_w, c), (1, stride, stride, 1))
