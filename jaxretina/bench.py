@@ -22,7 +22,8 @@ after the other framework ran is slower for either; it prints both medians and
 ``speed_jaxretina_over_torch`` (> 1: ours is faster).
 
 ``--profile_top N`` traces three more steps with ``jax.profiler`` and prints the time per op
-category and the N slowest ops (on CPU, seconds summed over the threads that ran them);
+category and the N slowest ops (on CPU, seconds summed over the threads the trace shows running
+them: a YNNPACK op's pool workers are not traced, so the sum is below the process CPU time);
 ``--profile_dir`` keeps the trace for TensorBoard's profile plugin.
 
 Shared CPU machines can have slow phases in which a process gets about one of its cores.
@@ -118,7 +119,8 @@ def main(argv) -> None:
     if k != "profile_summary":
       print(f"{k:28s} {v}")
   if tables:
-    print("\ntime per op category and top ops (3 traced steps; on CPU, seconds summed over threads):")
+    print("\ntime per op category and top ops (3 traced steps; on CPU, seconds summed over the traced "
+          "threads, which leave out YNNPACK's pool workers):")
     print(tables)
   if result["steps_kept"] == 0:
     print("warning: no step met the CPU-share rule (machine in a slow phase); median over all steps",
