@@ -135,7 +135,9 @@ def _contrastive_step(torch, config, batch, text_config) -> tuple[Callable[[], f
   params = list(modules.parameters()) + [logit_scale]
   opt = _optimizer(torch, config, params)
   clip = float(config.optimizer.grad_clip)
-  streams = [("image", "input_ids", "attention_mask")] + ([("kd/image", "kd/input_ids", "kd/attention_mask")] if with_knowledge else [])
+  streams = [("image", "input_ids", "attention_mask")]
+  if with_knowledge:
+    streams.append(("kd/image", "kd/input_ids", "kd/attention_mask"))
   tensors = [(_images(torch, batch, i), torch.from_numpy(np.asarray(batch[t], np.int64)),
               torch.from_numpy(np.asarray(batch[a], np.int64))) for i, t, a in streams]
   categories = torch.from_numpy(np.asarray(batch["category_id"], np.int64))
@@ -368,11 +370,11 @@ class ReferenceProcess:
     return json.loads(line)
 
   def step(self) -> tuple[float, float]:
-    """(wall seconds, CPU share of the child's cores) of one reference step."""
+    """(wall seconds, the child's CPU seconds) of one reference step."""
     self._process.stdin.write("step\n")
     self._process.stdin.flush()
     timed = self._reply()
-    return timed["wall"], timed["cpu_share"]
+    return timed["wall"], timed["cpu_seconds"]
 
   def close(self) -> None:
     if self._process.poll() is None:
@@ -396,14 +398,13 @@ def _serve(inputs_path: str) -> None:
   step, parameters, differences = reference_step(inputs["config"], inputs["batch"], task)
   out.write(json.dumps({"parameters": parameters, "differences": differences, "threads": threads()}) + "\n")
   out.flush()
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   for command in sys.stdin:
     if command.strip() != "step":
       raise SystemExit(f"error: unknown command {command.strip()!r} (expected 'step')")
     c0, w0 = time.process_time(), time.perf_counter()
     step()
     wall = time.perf_counter() - w0
-    out.write(json.dumps({"wall": wall, "cpu_share": (time.process_time() - c0) / (wall * cores)}) + "\n")
+    out.write(json.dumps({"wall": wall, "cpu_seconds": time.process_time() - c0}) + "\n")
     out.flush()
 
 

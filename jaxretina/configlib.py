@@ -218,7 +218,7 @@ def contrastive_config(model_name: str = "flair", *, steps: int = 0) -> ml_colle
   # ``name`` ('' = config.data.name) split ``split``; each step adds their contrastive loss (``targets``
   # 'identity', or the pairs' category co-occurrence) and ``weight`` × the MSE of the expert revision.
   c.knowledge = ml_collections.ConfigDict(dict(enabled=False, split="expert", use_caption=True, targets="identity",
-                                        weight=100.0, name="", data_dir="", builder_kwargs=None))
+                                               weight=100.0, name="", data_dir="", builder_kwargs=None))
   # checkpoint: a whole FLAIR/KeepFIT PyTorch checkpoint; vision_checkpoint: torchvision ResNet weights
   # for the image tower; text_pretrained: a local HF BERT directory for the text tower. Fresh starts only.
   c.init.update(checkpoint="", vision_checkpoint="", text_pretrained="")

@@ -5,13 +5,13 @@ See ``jaxretina.bench`` for what is measured and how steps of a shared CPU are f
 
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import time
-from jaxretina import configlib, profiling
+
+from jaxretina import bench_torch, configlib, profiling
+from jaxretina.data import input_bench
 from jaxretina.train import distributed, loop
-from jaxretina import bench_torch
 
 
 def _peak_memory_bytes(devices) -> tuple[int, str]:
@@ -82,7 +82,7 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
                     "torch_process": f"its own, alternating with ours in blocks of 1 untimed + "
                                       f"{TIMED_STEPS_PER_BLOCK} timed steps"}
 
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = input_bench.available_cores()
   on_cpu = jax.devices()[0].platform == "cpu"
   ours_samples, torch_samples = [], []
   try:
@@ -96,7 +96,9 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
       jax_step()
       ours_samples += [_timed(jax_step, cores) for _ in range(timed)]
       reference.step()
-      torch_samples += [reference.step() for _ in range(timed)]
+      for _ in range(timed):
+        wall, cpu_seconds = reference.step()
+        torch_samples.append((wall, _cpu_share(cpu_seconds, wall, cores)))
   finally:
     if reference is not None:
       reference.close()

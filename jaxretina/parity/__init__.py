@@ -280,4 +280,5 @@ def start_state(case: Case, task, variables: Mapping[str, Any], *, step: int = 0
       raise ValueError(f"{case.path}: cannot put the optimizer's schedule counter at step {step}")
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})), opt_state=opt_state,
-                    rng=jax.random.key_data(jax.random.key(0)), system_state={} if system_state is None else system_state)
+                    rng=jax.random.key_data(jax.random.key(0)),
+                    system_state={} if system_state is None else system_state)

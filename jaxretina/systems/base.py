@@ -61,7 +61,7 @@ class ClassificationSystem:
                      "weights, 'inverse_frequency' or a rule of the model's system")
 
   def restore_system_state(self, checkpoint_extras: Mapping[str, Any], system_state: Mapping[str, Any],
-                    source: str) -> Mapping[str, Any]:
+                           source: str) -> Mapping[str, Any]:
     """Non-parameter state taken from a converted upstream checkpoint (``config.init.checkpoint``)."""
     del checkpoint_extras, source
     return system_state

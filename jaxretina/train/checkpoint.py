@@ -55,7 +55,6 @@ CHECKSUMS_FILE = "checksums.json"
 _BARRIER_IDS = itertools.count()
 
 
-
 # Train-state fields renamed after checkpoints were written with the old name: old -> current.
 RENAMED_STATE_FIELDS = {"extra": "system_state"}
 
@@ -88,6 +87,7 @@ def _from_saved_layout(state: Any, abstract_state: Any) -> Any:
     if old in state:
       state[new] = state.pop(old)
   return type(abstract_state)(**state)
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint problem the user can act on; ``python -m jaxretina.main`` prints only its message."""
@@ -234,9 +234,9 @@ class Checkpointer:
 
   def _read(self, step: int, abstract_state: Any, data: IteratorGroup | None) -> Any:
     state_dir = self._root / str(step) / "state"
+    target = _in_saved_layout(abstract_state, self._stored_tree(step))  # raises its own, clearer error
     # One item at a time, so that a failure names the item it came from.
     try:
-      target = _in_saved_layout(abstract_state, self._stored_tree(step))
       state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:  # noqa: BLE001 - every reader error means the arrays cannot be read back
       raise DamagedCheckpointError(step, f"reading the arrays in {state_dir} failed: {describe_error(e)}") from e

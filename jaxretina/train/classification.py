@@ -465,7 +465,8 @@ class ClassificationTask(TaskBase):
     shard = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
     params = jax.tree.map(shard, variables["params"], state.params)
     batch_stats = jax.tree.map(shard, variables.get("batch_stats", {}), state.batch_stats)
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params), system_state=system_state)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=self.tx.init(params),
+                         system_state=system_state)
 
   def _load_backbones(self, variables: dict, path: str) -> dict:
     """torchvision ResNet weights (``config.init.backbone``) into every RGB backbone of the model.
@@ -505,8 +506,8 @@ class ClassificationTask(TaskBase):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if self.microbatches == 1:
-      (loss, (metrics, batch_stats, system_state)), grads = grad_fn(state.params, state.batch_stats, state.system_state, inputs,
-                                                             labels, model_rng)
+      (loss, (metrics, batch_stats, system_state)), grads = grad_fn(
+          state.params, state.batch_stats, state.system_state, inputs, labels, model_rng)
     else:
       # Gradient accumulation: the mean of the microbatches' mean losses is the batch's mean loss.
       # BatchNorm normalises each microbatch with its own statistics and updates its running

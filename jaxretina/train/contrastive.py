@@ -201,7 +201,8 @@ class ContrastiveTask(TaskBase):
         self.train_source, caption_template=d.caption_template, augment_description=d.augment_description,
         use_caption=False, seed=c.seed, **common))}
     if c.knowledge.enabled:
-      kd_source = pipeline.open_source(c.knowledge.name or d.name, c.knowledge.split, c.knowledge.data_dir or d.data_dir,
+      kd_source = pipeline.open_source(c.knowledge.name or d.name, c.knowledge.split,
+                                       c.knowledge.data_dir or d.data_dir,
                                        dict(c.knowledge.builder_kwargs or d.builder_kwargs or {}))
       streams["kd"] = iter(pipeline.knowledge_batches(
           kd_source, use_caption=c.knowledge.use_caption, caption_template=d.caption_template,
