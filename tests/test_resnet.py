@@ -302,3 +302,47 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window(kernel, stri
 
 def flax_max_pool(v, kernel, stride, padding):
   return nn.max_pool(v, (kernel, kernel), (stride, stride), ((padding, padding), (padding, padding)))
+
+
+def _batch_norm_by_autodiff(x, scale, bias, epsilon):
+  """The training-mode BatchNorm expression, differentiated by JAX (what layers.batch_norm_train replaces)."""
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(xf, axis=axes)
+  var = jnp.mean(jnp.square(xf - mean), axis=axes)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = (xf - mean) * (inv if scale is None else inv * scale)
+  return (y if bias is None else y + bias), mean, var
+
+
+@pytest.mark.parametrize("use_scale,use_bias", [(True, True), (False, True), (True, False), (False, False)])
+def test_batch_norm_backward_is_the_derivative_of_its_forward(use_scale, use_bias):
+  """layers.batch_norm_train (torch's backward formula): the outputs are the plain expression's bit for
+  bit, and the gradients of x, scale and bias agree with JAX's derivative of it, also through the batch
+  mean and variance outputs (which the running statistics use)."""
+  rng = np.random.default_rng(int(use_scale) * 2 + int(use_bias))
+  x = jnp.asarray(rng.normal(size=(3, 5, 6, 7)) * 3 + 1.5, jnp.float32)
+  scale = jnp.asarray(rng.normal(size=7), jnp.float32) if use_scale else None
+  bias = jnp.asarray(rng.normal(size=7), jnp.float32) if use_bias else None
+  w_y, w_mean, w_var = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x.shape, (7,), (7,)))
+
+  for got, want in zip(layers.batch_norm_train(x, scale, bias, 1e-5), _batch_norm_by_autodiff(x, scale, bias, 1e-5)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  def loss(fn, with_stats):
+    def f(v, s, b):
+      y, mean, var = fn(v, s, b, 1e-5)
+      total = jnp.sum(jnp.sin(y) * w_y)
+      return total + (jnp.sum(mean * w_mean) + jnp.sum(jnp.cos(var) * w_var) if with_stats else 0.0)
+    return f
+
+  for with_stats in (False, True):
+    ours = jax.jit(jax.grad(loss(layers.batch_norm_train, with_stats), argnums=(0, 1, 2)))(x, scale, bias)
+    want = jax.jit(jax.grad(loss(_batch_norm_by_autodiff, with_stats), argnums=(0, 1, 2)))(x, scale, bias)
+    assert jax.tree.structure(ours) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4,
+                                 atol=2e-5 * float(np.abs(np.asarray(expected)).max()))
+
+  half = jax.grad(lambda v: jnp.sum(layers.batch_norm_train(v, scale, bias, 1e-5)[0]))(x.astype(jnp.bfloat16))
+  assert half.dtype == jnp.bfloat16 and half.shape == x.shape

@@ -143,29 +143,91 @@ class BatchNorm(nn.Module):
     running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
     batches = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
 
+    scale = self.param("scale", self.scale_init, (features,), self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
     if use_ra:
-      mean, var = running_mean.value, running_var.value
+      y = _normalize(x.astype(jnp.float32), running_mean.value, jax.lax.rsqrt(running_var.value + self.epsilon),
+                     scale, bias)
     else:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axis=axes)
-      var = jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass: as precise as torch's
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
-        n = int(np.prod([x.shape[a] for a in axes]))
-        unbiased = var * (n / max(n - 1, 1))
+        n = x.size // features
         m = self.momentum
         running_mean.value = (1.0 - m) * running_mean.value + m * mean
-        running_var.value = (1.0 - m) * running_var.value + m * unbiased
+        running_var.value = (1.0 - m) * running_var.value + m * (var * (n / max(n - 1, 1)))
         batches.value = batches.value + 1
+    return y.astype(self.dtype or x.dtype)
 
-    inv = jax.lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      inv = inv * self.param("scale", self.scale_init, (features,), self.param_dtype)
-    y = (x.astype(jnp.float32) - mean) * inv
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (features,), self.param_dtype)
-    dtype = self.dtype or x.dtype
-    return y.astype(dtype)
+
+def _batch_moments(xf: jax.Array) -> tuple[jax.Array, jax.Array]:
+  axes = tuple(range(xf.ndim - 1))
+  mean = jnp.mean(xf, axis=axes)
+  return mean, jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass: as precise as torch's
+
+
+def _normalize(xf, mean, inv, scale, bias):
+  if scale is not None:
+    inv = inv * scale
+  y = (xf - mean) * inv
+  return y if bias is None else y + bias
+
+
+def _batch_norm_train_forward(x, scale, bias, epsilon):
+  xf = x.astype(jnp.float32)
+  mean, var = _batch_moments(xf)
+  inv = jax.lax.rsqrt(var + epsilon)
+  return (_normalize(xf, mean, inv, scale, bias), mean, var), (x, mean, inv, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch normalisation over the last axis: ``(y, batch mean, biased variance)``.
+
+  ``y`` is float32, computed exactly as before this function existed. The backward pass is torch's
+  ``native_batch_norm_backward``: it keeps ``x`` and the per-channel statistics and recomputes
+  ``x - mean`` inside the fusions that need it. Differentiating the forward expression instead
+  keeps ``x - mean`` as a second full-size buffer, written once and read three times; this form
+  made DualAttendMed's step 4.8 % faster on XLA:CPU (interleaved A/B), and every training-step
+  parity case kept its margin (the backward is torch's own formula).
+  """
+  return _batch_norm_train_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):  # symbolic_zeros: the primals arrive wrapped
+  return _batch_norm_train_forward(x.value, None if scale is None else scale.value,
+                                   None if bias is None else bias.value, epsilon)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale, bias = residuals
+  dy, dmean, dvar = cotangents
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  centered = x.astype(jnp.float32) - mean
+  dx = jnp.zeros(x.shape, jnp.float32)
+  sum_dy = sum_dy_centered = None
+  if not isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    g = dy.astype(jnp.float32)
+    sum_dy = jnp.sum(g, axis=axes)
+    sum_dy_centered = jnp.sum(g * centered, axis=axes)
+    gain = inv if scale is None else inv * scale
+    dx = (g - sum_dy / n - centered * (inv * inv * sum_dy_centered / n)) * gain
+  if not isinstance(dmean, jax.custom_derivatives.SymbolicZero):
+    dx = dx + dmean / n
+  if not isinstance(dvar, jax.custom_derivatives.SymbolicZero):
+    dx = dx + centered * (2.0 * dvar / n)
+
+  def param_grad(param, value):
+    if param is None:
+      return None
+    return (jnp.zeros_like(param) if value is None else value).astype(param.dtype)
+  dscale = None if sum_dy_centered is None else sum_dy_centered * inv
+  return dx.astype(x.dtype), param_grad(scale, dscale), param_grad(bias, sum_dy)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd, symbolic_zeros=True)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
