@@ -251,6 +251,25 @@ def test_pointwise_conv_gradients_as_matmuls_match_the_convolution(stride):
   assert half.dtype == jnp.bfloat16 and half.shape == kernel.shape
 
 
+@pytest.mark.parametrize("channels,stride", [((12, 5), 1), ((24, 40), 1), ((40, 17), 2), ((16, 16), 2)])
+def test_pointwise_forward_is_a_matmul_above_sixteen_channels(channels, stride):
+  """The forward of layers.pointwise_conv_matmul_grads is a matmul where XLA:CPU would give the
+  convolution to YNNPACK (more than 16 channels on a side: the same kernel, so the same values),
+  and the convolution itself at 16 or fewer (XLA:CPU's Eigen convolution sums in another order)."""
+  cin, cout = channels
+  rng = np.random.default_rng(cin + cout)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(1, 1, cin, cout)) / np.sqrt(cin), jnp.float32)
+  strides = (stride, stride)
+  forward = jax.make_jaxpr(lambda v, k: layers.pointwise_conv_matmul_grads(v, k, strides))(x, kernel)
+  as_matmul = max(cin, cout) > 16
+  assert ("dot_general" in str(forward)) == as_matmul
+  assert ("conv_general_dilated" in str(forward)) == (not as_matmul)
+  conv = jax.lax.conv_general_dilated(x, kernel, strides, ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(np.asarray(jax.jit(layers.pointwise_conv_matmul_grads, static_argnums=2)(x, kernel, strides)),
+                             np.asarray(conv), rtol=1e-6, atol=1e-6)
+
+
 def test_resnet_convolutions_on_cpu_take_the_matmul_gradients():
   """On CPU every unit-dilation 1×1 convolution of a ResNet goes through pointwise_conv_matmul_grads,
   whose gradients agree with the plain convolution's."""

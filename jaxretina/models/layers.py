@@ -248,21 +248,37 @@ def _nhwc_conv(x, kernel, stride):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def pointwise_conv_matmul_grads(x: jax.Array, kernel: jax.Array, stride: tuple[int, int]) -> jax.Array:
-  """1×1 convolution ``(B, H, W, C) * (1, 1, C, F)`` whose gradients are matmuls.
+  """1×1 convolution ``(B, H, W, C) * (1, 1, C, F)`` computed as matmuls, with the convolution's bits.
 
-  The forward is the convolution itself (``conv_general_dilated``, bit for bit). XLA:CPU computes a
-  1×1 kernel's gradient as a convolution whose window spans the whole feature map, after
-  transposing the activations so that the batch becomes the feature axis; as the matmul ``xᵀ·dy``
-  over the (B, H, W) positions it runs 2–2.5× faster (ResNet-50's 1×1 shapes), and the input
-  gradient ``dy·Wᵀ`` (stride 1) gains a few percent more. Each is the same sum of products in
-  another order; the forward stays a convolution because a matmul there moves WS-DAN's step away
-  from torch's rounding (its signed square roots amplify it), which the gradients do not.
+  Forward: XLA:CPU hands a convolution with more than 16 channels on its input or output side to
+  YNNPACK, which computes a 1×1 one with the same kernel as the matmul: identical bits on every
+  ResNet-50 1×1 shape, but the matmul takes about half the time (147 against 271 ms for one of each
+  shape at batch 12). At 16 channels or fewer on both sides XLA:CPU runs the convolution with Eigen,
+  whose summation order differs from the matmul's (it moved the reduced-width WS-DAN parity step,
+  whose signed square roots amplify rounding, from 0.19 to 0.72 of its tolerance), so those stay
+  convolutions: either way the forward is ``conv_general_dilated``'s, bit for bit.
+
+  Gradients: XLA:CPU computes a 1×1 kernel's gradient as a convolution whose window spans the whole
+  feature map, after transposing the activations so that the batch becomes the feature axis; as
+  the matmul ``xᵀ·dy`` over the (B, H, W) positions it runs 2–2.5× faster (ResNet-50's 1×1 shapes),
+  and the input gradient ``dy·Wᵀ`` (stride 1) gains a few percent more. Each is the same sum of
+  products in another order, which the parity steps tolerate.
   """
+  return _pointwise_forward(x, kernel, stride)
+
+
+def _pointwise_forward(x, kernel, stride):
+  if max(kernel.shape[2:]) > _EIGEN_CONV_MAX_CHANNELS:
+    return pointwise_conv(x, kernel, stride)
   return _nhwc_conv(x, kernel, stride)
 
 
+# XLA:CPU runs a convolution with at most this many input and output channels with Eigen, not YNNPACK.
+_EIGEN_CONV_MAX_CHANNELS = 16
+
+
 def _pointwise_fwd(x, kernel, stride):
-  return _nhwc_conv(x, kernel, stride), (x, kernel)
+  return _pointwise_forward(x, kernel, stride), (x, kernel)
 
 
 def _pointwise_bwd(stride, residuals, dy):
@@ -318,11 +334,10 @@ class Conv2d(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = None
-  # A 1×1 convolution as a matmul over the channels also in the forward (``pointwise_conv``): the
-  # same sums in another order, faster on XLA:CPU. Off by default: the ResNet towers keep the
-  # convolution's forward, whose rounding sits closer to torch's on the ill-conditioned WS-DAN step
-  # (signed square roots of BAP features), and on CPU take only its gradients as matmuls
-  # (``pointwise_conv_matmul_grads``); CRD-Net's 16,384-channel attention projections turn it on.
+  # A 1×1 convolution as a plain matmul over the channels on every backend, forward and gradients
+  # by autodiff (``pointwise_conv``). Off by default: on CPU every 1×1 convolution already runs as
+  # matmuls with the convolution's forward bits (``pointwise_conv_matmul_grads``), and accelerators
+  # keep their own convolutions; CRD-Net's 16,384-channel attention projections turn it on.
   pointwise_as_matmul: bool = False
 
   @nn.compact
