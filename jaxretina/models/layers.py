@@ -224,7 +224,10 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
       return None
     return (jnp.zeros_like(param) if value is None else value).astype(param.dtype)
   dscale = None if sum_dy_centered is None else sum_dy_centered * inv
-  return dx.astype(x.dtype), param_grad(scale, dscale), param_grad(bias, sum_dy)
+  # dx is cheap to recompute, so XLA:CPU would recompute it inside each consumer; where those are
+  # many (the kh·kw slices of layers.depthwise_conv) or read it transposed (a 1×1 weight gradient
+  # over CRD-Net's 16,384 channels), that cost CRD-Net's step 36 %: dx gets a buffer of its own.
+  return materialize(dx.astype(x.dtype)), param_grad(scale, dscale), param_grad(bias, sum_dy)
 
 
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd, symbolic_zeros=True)
