@@ -220,18 +220,19 @@ class ResNet(nn.Module):
     With ``return_pre_pool`` also returns the activation before the max-pool.
     """
     y = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    pooled = layers.max_pool2d(y, 3, 2, 1) if self.use_maxpool else y
+    pooled = layers.max_pool2d(y, 3, 2, 1) if self.use_maxpool else layers.materialize(y)
     return (pooled, y) if return_pre_pool else pooled
 
   def stage(self, name: str, x: jax.Array, train: bool = False) -> jax.Array:
     """Runs ``'layer1'``..``'layer4'`` on its input (B,h,w,C) → (B,h',w',C')."""
     if name not in STAGES[1:5]:
       raise ValueError(f"ResNet.stage({name!r}): expected one of {STAGES[1:5]}")
-    for blk in getattr(self, name):
-      # The residual stream is materialised between blocks (layers.materialize: XLA:CPU would
-      # otherwise recompute the whole chain of earlier blocks inside each consumer).
-      x = blk(layers.materialize(x), train)  # train positional: static under remat
-    return x
+    for i, blk in enumerate(getattr(self, name)):
+      # The residual stream is materialised between blocks and at the stage's end (layers.materialize:
+      # XLA:CPU would otherwise recompute the whole chain of earlier blocks inside each consumer, e.g.
+      # the transposes of WS-DAN's attention head); a stage's input already has a buffer.
+      x = blk(x if i == 0 else layers.materialize(x), train)  # train positional: static under remat
+    return layers.materialize(x)
 
   def head(self, x: jax.Array) -> jax.Array:
     """Global average pool [→ fc]. (B,h,w,C) → (B,num_classes) or (B,C)."""
