@@ -184,7 +184,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array | None, bias: jax.Array | No
                      epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode batch normalisation over the last axis: ``(y, batch mean, biased variance)``.
 
-  ``y`` is float32, computed exactly as before this function existed. The backward pass is torch's
+  ``y = (x - mean) · rsqrt(var + epsilon) · scale + bias`` in float32, with the two-pass variance
+  (the mean first, then the squared deviations from it). The backward pass is torch's
   ``native_batch_norm_backward``: it keeps ``x`` and the per-channel statistics and recomputes
   ``x - mean`` inside the fusions that need it. Differentiating the forward expression instead
   keeps ``x - mean`` as a second full-size buffer, written once and read three times; this form
@@ -259,7 +260,7 @@ def pointwise_conv_matmul_grads(x: jax.Array, kernel: jax.Array, stride: tuple[i
   shape at batch 12). At 16 channels or fewer on both sides XLA:CPU runs the convolution with Eigen,
   whose summation order differs from the matmul's (it moved the reduced-width WS-DAN parity step,
   whose signed square roots amplify rounding, from 0.19 to 0.72 of its tolerance), so those stay
-  convolutions: either way the forward is ``conv_general_dilated``'s, bit for bit.
+  convolutions: either way the forward keeps the values of ``conv_general_dilated``.
 
   Gradients: XLA:CPU computes a 1×1 kernel's gradient as a convolution whose window spans the whole
   feature map, after transposing the activations so that the batch becomes the feature axis; as
@@ -270,14 +271,14 @@ def pointwise_conv_matmul_grads(x: jax.Array, kernel: jax.Array, stride: tuple[i
   return _pointwise_forward(x, kernel, stride)
 
 
+# XLA:CPU runs a convolution with at most this many input and output channels with Eigen, not YNNPACK.
+_EIGEN_CONV_MAX_CHANNELS = 16
+
+
 def _pointwise_forward(x, kernel, stride):
   if max(kernel.shape[2:]) > _EIGEN_CONV_MAX_CHANNELS:
     return pointwise_conv(x, kernel, stride)
   return _nhwc_conv(x, kernel, stride)
-
-
-# XLA:CPU runs a convolution with at most this many input and output channels with Eigen, not YNNPACK.
-_EIGEN_CONV_MAX_CHANNELS = 16
 
 
 def _pointwise_fwd(x, kernel, stride):
