@@ -46,11 +46,16 @@ import json
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from jaxretina import host_memory
 
-from jaxretina import logs, step_bench
-from jaxretina.data import input_bench
+if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # before the imports below: it may start the process over
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxretina import logs, step_bench  # noqa: E402
+from jaxretina.data import input_bench  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file to benchmark (train-step mode).",
                                           lock_config=True)

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from jaxretina import host_memory
+
 DIFFERENCES = {
     "contrastive": "no augmentation in the torch step (ours runs FLAIR's augmentation inside the jitted step)",
     "crd_net": "none in structure (EfficientFormerV2's Attention4D/UFFN and the CMA as CRD-Net codes them)",
@@ -357,8 +359,11 @@ class ReferenceProcess:
     with tempfile.NamedTemporaryFile(prefix="jaxretina_torch_reference_", suffix=".pkl", delete=False) as f:
       pickle.dump(inputs, f)
       self._inputs_path = f.name
+    # The environment this process was started with: PyTorch runs as it would without jaxretina (no
+    # huge-page setting unless the user gave one, see jaxretina.host_memory).
     self._process = subprocess.Popen([sys.executable, "-m", "jaxretina.bench_torch", self._inputs_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=host_memory.original_environment())
     built = self._reply()
     self.parameters, self.differences, self.threads = built["parameters"], built["differences"], built["threads"]
 

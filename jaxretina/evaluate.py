@@ -21,13 +21,18 @@ import os
 import sys
 from typing import Any, Callable
 
-from absl import app, flags
-from ml_collections import config_flags
+from jaxretina import host_memory
 
-from jaxretina import fileio, inference
-from jaxretina.train import distributed
-from jaxretina.train.checkpoint import IncompatibleCheckpointError
-from jaxretina.transfer import protocol, runner
+if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # before the imports below: it may start the process over
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxretina import fileio, inference  # noqa: E402
+from jaxretina.train import distributed  # noqa: E402
+from jaxretina.train.checkpoint import IncompatibleCheckpointError  # noqa: E402
+from jaxretina.transfer import protocol, runner  # noqa: E402
 
 # The protocol's config file inside the package: what --config names when it names no file.
 PROTOCOL_CONFIG_FILE = protocol.__file__

@@ -18,13 +18,17 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from jaxretina import host_memory
 
-from jaxretina import logs
-from jaxretina.configlib import load_config_module
-from jaxretina.train import checkpoint, loop
-from jaxretina.train import loop
+if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # before the imports below: it may start the process over
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxretina import logs  # noqa: E402
+from jaxretina.configlib import load_config_module  # noqa: E402
+from jaxretina.train import checkpoint, loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/keepfit.py[:ARG].",
                                           lock_config=True)

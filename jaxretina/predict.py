@@ -47,20 +47,22 @@ import os
 import sys
 from typing import Callable, Sequence
 
-import numpy as np
-from jaxretina.data import imaging
-from jaxretina.data.imaging import canvas_resize
-from jaxretina.data.imaging import flair_preprocess
-from jaxretina.data.augment import center_crop
-from jaxretina.models import flair
-from jaxretina.evaluators.zero_shot import class_prototypes
-from jaxretina import inference
-from jaxretina.train import classification
-from jaxretina import fileio, inference
-from jaxretina.data.imaging import crop_fov
-from jaxretina import fileio
-from jaxretina.evaluators import plots
-from jaxretina.train.checkpoint import IncompatibleCheckpointError
+from jaxretina import host_memory
+
+if __name__ == "__main__":
+  host_memory.restart_with_huge_pages()  # before the imports below: it may start the process over
+
+import numpy as np  # noqa: E402
+
+from jaxretina import fileio, inference  # noqa: E402
+from jaxretina.data import imaging  # noqa: E402
+from jaxretina.data.augment import center_crop  # noqa: E402
+from jaxretina.data.imaging import canvas_resize, crop_fov, flair_preprocess  # noqa: E402
+from jaxretina.evaluators import plots  # noqa: E402
+from jaxretina.evaluators.zero_shot import class_prototypes  # noqa: E402
+from jaxretina.models import flair  # noqa: E402
+from jaxretina.train import classification  # noqa: E402
+from jaxretina.train.checkpoint import IncompatibleCheckpointError  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 OK = "ok"

@@ -9,7 +9,7 @@ import resource
 import statistics
 import time
 
-from jaxretina import bench_torch, configlib, profiling
+from jaxretina import bench_torch, configlib, host_memory, profiling
 from jaxretina.data import input_bench
 from jaxretina.train import distributed, loop
 
@@ -121,6 +121,7 @@ def benchmark(config, steps: int, warmup: int, min_cpu_share: float, *, profile_
       "model_tflop_per_step": round(flops * jax.device_count() / 1e12, 4) if flops else None,
       "achieved_tflop_s_per_device": round(flops / median / 1e12, 4) if flops else None,
       "compute_dtype": configlib.compute_dtype(config).name,
+      "host_memory": host_memory.status(),
       "loss_finite": bool(jax.device_get(metrics["loss"]) == jax.device_get(metrics["loss"])),
   }
   dtype = configlib.compute_dtype(config).name

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxretina import configlib
 from jaxretina import fileio
+from jaxretina import host_memory
 from jaxretina import profiling
 from jaxretina.train import checkpoint as ckpt_lib
 from jaxretina.train import classification, contrastive, distributed
@@ -81,6 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   that was trained with another config is refused (``ConfigChangedError``, see
   ``config_differences``) unless ``allow_config_change``.
   """
+  logging.info("host memory: %s", host_memory.status())
   distributed.maybe_initialize_distributed(config)
   mesh = distributed.make_mesh(config.mesh)
   # Before anything is built or written: a refused config leaves the workdir as it was.
