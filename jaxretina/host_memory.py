@@ -5,14 +5,16 @@ ends: 1.1 GB for a ResNet-50 training step at batch 8. glibc's malloc serves a b
 a fresh ``mmap`` and returns it with ``munmap``, so every step the kernel maps and zero-fills it again,
 one 4 KiB page fault at a time: about 300,000 faults and 0.5–0.6 CPU-seconds of system time per step
 there (PyTorch's step: 40,000), 20 % of the step's wall time. With transparent huge pages the same
-block takes a few thousand 2 MiB faults: 1.33–1.36 s per step instead of 1.66–1.72 s.
+block takes a few thousand 2 MiB faults: 1.33–1.36 s per step instead of 1.66–1.72 s. (CRD-Net's
+paper-size step, 3 GB of temporaries, loses its faults but not its time: the kernel zeroes each 2 MiB
+page at once, and the cache misses that follow cost what the faults did.)
 
 Linux backs memory with huge pages where the kernel's policy allows it
 (``/sys/kernel/mm/transparent_hugepage/enabled``): ``always`` does it everywhere; ``madvise``, the
 common default, only where a program asks, which glibc (2.35 and later) does for its allocations
 when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. glibc reads that setting only when a
-process starts, so the command-line entry points (``python -m jaxretina.main``, ``jaxretina.bench``)
-call ``restart_with_huge_pages`` before their imports: it re-executes the same command, same process
+process starts, so the command-line jobs (``python -m jaxretina.main``, ``.bench``, ``.evaluate``,
+``.predict``) call ``restart_with_huge_pages`` before their imports: it re-executes the same command, same process
 id, with the setting added. Nothing else changes: values are bit for bit the same, and memory is
 still returned to the system after each step.
 
@@ -46,15 +48,29 @@ def restart_with_huge_pages() -> None:
   Returns (doing nothing) when it would not: the reason is what ``status()`` reports. Call it before
   anything that takes time (imports of JAX and the models): exec starts the process over.
   """
-  if why_not_restart():
+  environment = huge_page_environment()
+  if environment is None:
     return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, list(sys.orig_argv), environment)
+  except OSError as e:  # the process goes on as it is; status() then reports 4 KiB pages
+    print(f"warning: could not restart {sys.executable} with {TUNABLE} ({e}); "
+          f"set {SWITCH}=0 to skip the attempt", file=sys.stderr)
+
+
+def huge_page_environment() -> dict[str, str] | None:
+  """This process's environment with glibc's huge-page setting added, for a process started with it
+  (this one, restarted, or children started before any of them allocates); None where
+  ``why_not_restart`` gives a reason."""
+  if why_not_restart():
+    return None
   environment = dict(os.environ)
   original = environment.get("GLIBC_TUNABLES", "")
   environment["GLIBC_TUNABLES"] = f"{original}:{TUNABLE}" if original else TUNABLE
   environment[RESTARTED] = original
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, list(sys.orig_argv), environment)
+  return environment
 
 
 def why_not_restart() -> str:
@@ -91,7 +107,8 @@ def status() -> str:
   if policy == "always":
     return "huge pages (transparent_hugepage=always)"
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if policy == "madvise" and "glibc.malloc.hugetlb" in tunables and not _unsupported():
+  settings = dict(item.partition("=")[::2] for item in tunables.split(":") if item)
+  if policy == "madvise" and settings.get("glibc.malloc.hugetlb") in ("1", "2") and not _unsupported():
     return f"huge pages (GLIBC_TUNABLES={tunables}, transparent_hugepage=madvise)"
   return f"4 KiB pages ({why_not_restart() or f'start the process with GLIBC_TUNABLES={TUNABLE} for huge ones'})"
 

@@ -22,6 +22,15 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+  # pytest-xdist starts its workers after this, with this environment: their XLA:CPU steps get huge
+  # pages, as the command-line jobs' do (jaxretina.host_memory). The controller itself runs no steps.
+  if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+    from jaxretina import host_memory
+
+    os.environ.update(host_memory.huge_page_environment() or {})
+
+
 def parity_dir() -> str:
   """``$JAXRETINA_PARITY_DIR``, else ``../shared/parity`` beside the checkout."""
   return os.environ.get("JAXRETINA_PARITY_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared", "parity")

@@ -23,7 +23,7 @@ print(json.dumps({"after": os.getpid(), "tunables": os.environ.get("GLIBC_TUNABL
                   "child_tunables": host_memory.original_environment().get("GLIBC_TUNABLES")}))
 """
 
-# The page faults of the third run of a program whose temporaries are one block of about 200 MB.
+# The page faults and the value of the third run of a program whose temporaries are one block of ~200 MB.
 _FAULTS_OF_A_STEP = """
 import json, resource, sys
 from jaxretina import host_memory
@@ -36,9 +36,9 @@ temp = compiled.memory_analysis().temp_size_in_bytes
 for _ in range(2):
   compiled(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-compiled(x).block_until_ready()
+value = float(compiled(x))
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"temp_bytes": temp, "faults": faults, "status": host_memory.status()}))
+print(json.dumps({"temp_bytes": temp, "faults": faults, "value": value.hex(), "status": host_memory.status()}))
 """
 
 
@@ -51,25 +51,18 @@ def _python(code: str, **environment) -> list[dict]:
   return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def _skip_without_huge_pages(**environment):
-  saved = {k: os.environ.get(k) for k in ("GLIBC_TUNABLES", host_memory.RESTARTED, *environment)}
-  try:
-    for k in ("GLIBC_TUNABLES", host_memory.RESTARTED):
-      os.environ.pop(k, None)
-    os.environ.update(environment)
-    reason = host_memory.why_not_restart()
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
+def _skip_without_huge_pages(monkeypatch, **environment):
+  for name in ("GLIBC_TUNABLES", host_memory.RESTARTED, host_memory.SWITCH):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  reason = host_memory.why_not_restart()
   if reason:
     pytest.skip(f"this machine cannot give huge pages: {reason}")
 
 
-def test_the_restart_adds_glibcs_huge_page_setting_once_and_keeps_the_process():
-  _skip_without_huge_pages(JAXRETINA_HUGE_PAGES="1")
+def test_the_restart_adds_glibcs_huge_page_setting_once_and_keeps_the_process(monkeypatch):
+  _skip_without_huge_pages(monkeypatch, JAXRETINA_HUGE_PAGES="1")
   before, second_before, after = _python(_RESTARTING, JAXRETINA_HUGE_PAGES="1",
                                          GLIBC_TUNABLES="glibc.malloc.arena_max=4")
   assert before["before"] == second_before["before"] == after["after"]  # exec: same process, one restart
@@ -85,14 +78,15 @@ def test_no_restart_when_switched_off():
   assert lines[1]["status"] == "4 KiB pages (JAXRETINA_HUGE_PAGES=0)"
 
 
-def test_huge_pages_take_the_page_faults_out_of_a_step():
-  _skip_without_huge_pages(JAXRETINA_HUGE_PAGES="1")
+def test_huge_pages_take_the_page_faults_out_of_a_step(monkeypatch):
+  _skip_without_huge_pages(monkeypatch, JAXRETINA_HUGE_PAGES="1")
   (small,) = _python(_FAULTS_OF_A_STEP, JAXRETINA_HUGE_PAGES="0")
   (huge,) = _python(_FAULTS_OF_A_STEP, JAXRETINA_HUGE_PAGES="1")
   assert small["temp_bytes"] >= 150 * 2**20, small  # the block the faults come from
   assert small["faults"] >= small["temp_bytes"] // 4096 // 2, small  # 4 KiB pages, each faulted anew
   assert huge["status"].startswith("huge pages"), huge
   assert huge["faults"] * 8 < small["faults"], (small, huge)
+  assert huge["value"] == small["value"]  # where the memory comes from changes no bit
 
 
 def test_the_switch_and_the_platform_decide(monkeypatch):
@@ -104,6 +98,8 @@ def test_the_switch_and_the_platform_decide(monkeypatch):
   monkeypatch.setenv("JAXRETINA_HUGE_PAGES", "auto")
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
   assert host_memory.why_not_restart() == "GLIBC_TUNABLES sets glibc.malloc.hugetlb already"
+  monkeypatch.setattr(host_memory, "thp_policy", lambda: "madvise")
+  assert host_memory.status().startswith("4 KiB pages (GLIBC_TUNABLES sets")  # the user's 0 is kept
   monkeypatch.delenv("GLIBC_TUNABLES")
   monkeypatch.setattr(host_memory, "thp_policy", lambda: "madvise")
   monkeypatch.setattr(host_memory, "_unsupported", lambda: "")
@@ -121,13 +117,12 @@ def test_the_switch_and_the_platform_decide(monkeypatch):
   assert host_memory.status() == "huge pages (transparent_hugepage=always)"
 
 
-def test_the_main_job_runs_restarted(tmp_path):
-  _skip_without_huge_pages()
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.RESTARTED, host_memory.SWITCH)}
+def test_the_main_job_runs_restarted(tmp_path, monkeypatch):
+  _skip_without_huge_pages(monkeypatch)  # and leaves this process's environment as a user's shell has it
   # A workdir under a regular file: the job logs its host memory, then stops with an error at once.
   (tmp_path / "file").write_text("")
   done = subprocess.run([sys.executable, "-m", "jaxretina.main", "--config", "configs/keepfit.py",
-                         "--workdir", str(tmp_path / "file" / "run")], cwd=REPO_ROOT, env=env,
+                         "--workdir", str(tmp_path / "file" / "run")], cwd=REPO_ROOT,
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 1 and done.stderr.rstrip().splitlines()[-1].startswith("error: "), done.stderr[-2000:]
   assert "host memory: huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in done.stderr, done.stderr[-2000:]
