@@ -14,8 +14,8 @@ Linux backs memory with huge pages where the kernel's policy allows it
 common default, only where a program asks, which glibc (2.35 and later) does for its allocations
 when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``. glibc reads that setting only when a
 process starts, so the command-line jobs (``python -m jaxretina.main``, ``.bench``, ``.evaluate``,
-``.predict``) call ``restart_with_huge_pages`` before their imports: it re-executes the same command, same process
-id, with the setting added. Nothing else changes: values are bit for bit the same, and memory is
+``.predict``) call ``restart_with_huge_pages`` before their imports: it re-executes the same command,
+same process id, with the setting added. Nothing else changes: values are bit for bit the same, and memory is
 still returned to the system after each step.
 
 ``JAXRETINA_HUGE_PAGES``: ``auto`` (the default) restarts when JAX will run on the CPU (no GPU/TPU
@@ -34,7 +34,8 @@ import sys
 
 SWITCH = "JAXRETINA_HUGE_PAGES"
 SWITCH_VALUES = ("auto", "1", "0")
-TUNABLE = "glibc.malloc.hugetlb=1"
+_HUGETLB = "glibc.malloc.hugetlb"
+TUNABLE = f"{_HUGETLB}=1"
 # Set by the restart, to the GLIBC_TUNABLES the process was started with ('' for none): it marks the
 # restart (there is at most one) and lets child processes that are not ours get the original back.
 RESTARTED = "JAXRETINA_HUGE_PAGES_RESTARTED_FROM"
@@ -82,8 +83,8 @@ def why_not_restart() -> str:
     return f"{SWITCH}=0"
   if RESTARTED in os.environ:
     return "restarted with it already"
-  if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
-    return "GLIBC_TUNABLES sets glibc.malloc.hugetlb already"
+  if _HUGETLB in _glibc_tunables():
+    return f"GLIBC_TUNABLES sets {_HUGETLB} already"
   unsupported = _unsupported()
   if unsupported:
     return unsupported
@@ -106,10 +107,8 @@ def status() -> str:
   policy = thp_policy()
   if policy == "always":
     return "huge pages (transparent_hugepage=always)"
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  settings = dict(item.partition("=")[::2] for item in tunables.split(":") if item)
-  if policy == "madvise" and settings.get("glibc.malloc.hugetlb") in ("1", "2") and not _unsupported():
-    return f"huge pages (GLIBC_TUNABLES={tunables}, transparent_hugepage=madvise)"
+  if policy == "madvise" and _glibc_tunables().get(_HUGETLB) in ("1", "2") and not _unsupported():
+    return f"huge pages (GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, transparent_hugepage=madvise)"
   return f"4 KiB pages ({why_not_restart() or f'start the process with GLIBC_TUNABLES={TUNABLE} for huge ones'})"
 
 
@@ -124,6 +123,12 @@ def original_environment() -> dict[str, str]:
     else:
       environment.pop("GLIBC_TUNABLES", None)
   return environment
+
+
+def _glibc_tunables() -> dict[str, str]:
+  """``GLIBC_TUNABLES`` (``name=value:name=value``) as a mapping."""
+  items = os.environ.get("GLIBC_TUNABLES", "").split(":")
+  return dict(item.partition("=")[::2] for item in items if item)
 
 
 def thp_policy() -> str:
