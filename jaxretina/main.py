@@ -21,7 +21,7 @@ import sys
 from jaxretina import host_memory
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # before the imports below: it may start the process over
+  host_memory.restart()  # before the imports below: it may start the process over
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -50,7 +50,7 @@ from typing import Callable, Sequence
 from jaxretina import host_memory
 
 if __name__ == "__main__":
-  host_memory.restart_with_huge_pages()  # before the imports below: it may start the process over
+  host_memory.restart()  # before the imports below: it may start the process over
 
 import numpy as np  # noqa: E402
 

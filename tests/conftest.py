@@ -23,12 +23,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
-  # pytest-xdist starts its workers after this, with this environment: their XLA:CPU steps get huge
-  # pages, as the command-line jobs' do (jaxretina.host_memory). The controller itself runs no steps.
+  # pytest-xdist starts its workers after this, with this environment: their XLA:CPU steps get the
+  # host memory the command-line jobs get (jaxretina.host_memory). The controller itself runs no steps.
   if config.getoption("numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
     from jaxretina import host_memory
 
-    os.environ.update(host_memory.huge_page_environment() or {})
+    os.environ.update(host_memory.step_environment() or {})
 
 
 def parity_dir() -> str:
