@@ -61,6 +61,7 @@ def _skip_unless_restarts(monkeypatch, **environment):
   environment as a user's shell has it."""
   for name in _STARTING_VARIABLES:
     monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(host_memory, "_jemalloc_loaded", lambda: False)  # a test worker may run with it
   for name, value in environment.items():
     monkeypatch.setenv(name, value)
   try:
@@ -120,6 +121,7 @@ def test_the_remedy_takes_the_page_faults_out_of_a_step(monkeypatch, remedy):
 def test_the_switch_and_the_platform_decide(monkeypatch, tmp_path):
   for name in _STARTING_VARIABLES:
     monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(host_memory, "_jemalloc_loaded", lambda: False)
   monkeypatch.setenv("JAXRETINA_HOST_MEMORY", "yes")
   with pytest.raises(ValueError, match=r"JAXRETINA_HOST_MEMORY='yes': expected one of auto, jemalloc, "
                                        r"huge_pages, off"):
@@ -136,7 +138,6 @@ def test_the_switch_and_the_platform_decide(monkeypatch, tmp_path):
   # Without jemalloc: huge pages where the kernel and glibc give them; an explicit request for jemalloc fails.
   monkeypatch.delenv("JAXRETINA_JEMALLOC")
   monkeypatch.setattr(host_memory, "find_jemalloc", lambda: "")
-  monkeypatch.setattr(host_memory, "_jemalloc_loaded", lambda: False)
   monkeypatch.setenv("JAXRETINA_HOST_MEMORY", "jemalloc")
   with pytest.raises(FileNotFoundError, match=r"JAXRETINA_HOST_MEMORY=jemalloc: no jemalloc library found .*"
                                               r"JAXRETINA_JEMALLOC=/path/to/libjemalloc.so.2"):
