@@ -11,11 +11,12 @@ page reporting), each of those pages is also fetched from the host again.
 Two remedies, chosen by ``JAXRETINA_HOST_MEMORY``:
 
 * ``jemalloc``: the process runs with jemalloc preloaded (``LD_PRELOAD``), which keeps freed memory
-  mapped and gives it to the next step: no faults and no zero-filling after the first step (KeepFIT's
-  row: 0 faults and 0.01 s of system time per step against 2,500 and 0.8–1.6 s with huge pages, and
-  6.2–6.5 against 6.8–7.6 s per step). It is configured with ``MALLOC_CONF`` (``MALLOC_CONF`` below,
-  unless the user sets their own): memory freed and not reused is returned to the system by a
-  background thread after about ``dirty_decay_ms``, and large blocks get transparent huge pages.
+  mapped and gives it to the next step, so it is not zero-filled again (KeepFIT's row: 0–1,000 faults
+  and 0.01–0.3 s of system time per step against 2,500 and 0.7–1.6 s with huge pages, and 6.2–6.6
+  against 6.8–7.6 s per step). It is configured with ``MALLOC_CONF`` (``MALLOC_CONF`` below, unless
+  the user sets their own): memory freed and not reused is returned to the system by a background
+  thread after about 10 s, and large blocks get transparent huge pages. The cost is memory: freed
+  blocks wait in jemalloc's arenas, and the benchmark rows' peak RSS is 1.7–2.7 GB higher.
   jemalloc comes from the system (Debian/Ubuntu ``apt-get install libjemalloc2``, Fedora
   ``dnf install jemalloc``, conda ``jemalloc``); ``JAXRETINA_JEMALLOC`` names the library file when it
   is elsewhere.
