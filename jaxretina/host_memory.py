@@ -128,16 +128,14 @@ def why_not_restart() -> str:
         f"{SWITCH}=jemalloc: no jemalloc library found (looked for {' or '.join(JEMALLOC_NAMES)} in "
         f"{', '.join(_jemalloc_directories())}); install it (apt-get install libjemalloc2) or set "
         f"{JEMALLOC}=/path/to/libjemalloc.so.2")
-  if switch == "jemalloc" or (switch == "auto" and find_jemalloc()):
-    if not getattr(sys, "orig_argv", None) or not sys.executable:
-      return "the command line of this process is unknown"
-    return ""
-  reason = _why_no_huge_pages()
-  if reason:
-    return f"no jemalloc found; {reason}" if switch == "auto" else reason
   if not getattr(sys, "orig_argv", None) or not sys.executable:
     return "the command line of this process is unknown"
-  return ""
+  if switch == "jemalloc" or (switch == "auto" and find_jemalloc()):
+    return ""
+  reason = _why_no_huge_pages()
+  if reason and switch == "auto":
+    return f"no jemalloc found; {reason}"
+  return reason
 
 
 def status() -> str:
@@ -151,7 +149,10 @@ def status() -> str:
     return "huge pages (transparent_hugepage=always)"
   if policy == "madvise" and _glibc_tunables().get(_HUGETLB) in ("1", "2") and not _unsupported():
     return f"huge pages (GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}, transparent_hugepage=madvise)"
-  reason = why_not_restart() or f"start the process with GLIBC_TUNABLES={TUNABLE} for huge ones"
+  try:
+    reason = why_not_restart() or f"start the process with GLIBC_TUNABLES={TUNABLE} for huge ones"
+  except (ValueError, FileNotFoundError) as e:  # a bad setting: the log says what is wrong with it
+    reason = str(e)
   return f"4 KiB pages, fresh each step ({reason})"
 
 

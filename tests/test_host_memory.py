@@ -126,6 +126,9 @@ def test_the_switch_and_the_platform_decide(monkeypatch, tmp_path):
   with pytest.raises(ValueError, match=r"JAXRETINA_HOST_MEMORY='yes': expected one of auto, jemalloc, "
                                        r"huge_pages, off"):
     host_memory.why_not_restart()
+  monkeypatch.setattr(host_memory, "thp_policy", lambda: "never")
+  assert host_memory.status().startswith("4 KiB pages, fresh each step (JAXRETINA_HOST_MEMORY='yes': "
+                                         "expected")
   monkeypatch.setenv("JAXRETINA_HUGE_PAGES", "0")
   with pytest.raises(ValueError, match=r"JAXRETINA_HUGE_PAGES is now JAXRETINA_HOST_MEMORY .*=0 is "
                                        r"JAXRETINA_HOST_MEMORY=off"):
