@@ -123,14 +123,15 @@ def why_not_restart() -> str:
       return f"JAX will run on an accelerator ({accelerator}; {SWITCH}=jemalloc or huge_pages restarts anyway)"
   if _jemalloc_loaded():
     return "jemalloc is loaded already"
-  if switch == "jemalloc" and not find_jemalloc():
+  jemalloc = _chosen_jemalloc()
+  if switch == "jemalloc" and not jemalloc:
     raise FileNotFoundError(
         f"{SWITCH}=jemalloc: no jemalloc library found (looked for {' or '.join(JEMALLOC_NAMES)} in "
         f"{', '.join(_jemalloc_directories())}); install it (apt-get install libjemalloc2) or set "
         f"{JEMALLOC}=/path/to/libjemalloc.so.2")
   if not getattr(sys, "orig_argv", None) or not sys.executable:
     return "the command line of this process is unknown"
-  if switch == "jemalloc" or (switch == "auto" and find_jemalloc()):
+  if jemalloc:
     return ""
   reason = _why_no_huge_pages()
   if reason and switch == "auto":
@@ -207,10 +208,8 @@ def _switch() -> str:
 
 
 def _chosen_jemalloc() -> str:
-  switch = _switch()
-  if switch == "jemalloc" or switch == "auto":
-    return find_jemalloc()
-  return ""
+  """The jemalloc library the switch asks for and this machine has ('' for none)."""
+  return find_jemalloc() if _switch() in ("auto", "jemalloc") else ""
 
 
 def _jemalloc_directories() -> list[str]:

@@ -168,7 +168,6 @@ def test_the_switch_and_the_platform_decide(monkeypatch, tmp_path):
   assert host_memory.status() == "huge pages (transparent_hugepage=always)"
   # With jemalloc, auto preloads it, on a kernel without huge pages too.
   monkeypatch.setattr(host_memory, "find_jemalloc", lambda: "/opt/lib/libjemalloc.so.2")
-  monkeypatch.setattr(host_memory, "_chosen_jemalloc", lambda: "/opt/lib/libjemalloc.so.2")
   monkeypatch.setattr(host_memory, "thp_policy", lambda: "never")
   environment = host_memory.step_environment()
   assert environment["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2"
